@@ -1,0 +1,1 @@
+"""The ``phema`` command-line interface (typer + rich)."""

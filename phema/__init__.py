@@ -1,0 +1,56 @@
+"""phema: post-hoc EMA for PyTorch.
+
+Track several power-function EMA profiles during training with
+:class:`PowerFunctionEMA`, then synthesise any other profile (std, time) after
+training with the float64 least-squares solver in :mod:`phema.solver`.
+"""
+
+from phema.errors import (
+    IllPosedWarning,
+    PhemaError,
+    ProfileError,
+    SolverError,
+    StateError,
+    TrackingError,
+)
+from phema.memory import Snapshot, reconstruct_in_memory
+from phema.profiles import (
+    STD_MAX,
+    gamma_to_sigma_rel,
+    power_beta,
+    power_inner,
+    power_weight,
+    sigma_rel_to_gamma,
+)
+from phema.solver import Fit, Solution, fit_profiles, solve_weights
+from phema.targets import ExponentialProfile, PowerProfile, Profile
+from phema.tracking import BufferPolicy, PowerFunctionEMA, unwrap_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STD_MAX",
+    "BufferPolicy",
+    "ExponentialProfile",
+    "Fit",
+    "IllPosedWarning",
+    "PhemaError",
+    "PowerFunctionEMA",
+    "PowerProfile",
+    "Profile",
+    "ProfileError",
+    "Snapshot",
+    "Solution",
+    "SolverError",
+    "StateError",
+    "TrackingError",
+    "fit_profiles",
+    "gamma_to_sigma_rel",
+    "power_beta",
+    "power_inner",
+    "power_weight",
+    "reconstruct_in_memory",
+    "sigma_rel_to_gamma",
+    "solve_weights",
+    "unwrap_module",
+]

@@ -1,0 +1,41 @@
+"""Exceptions and warnings raised by phema.
+
+Every error derives from :class:`PhemaError` *and* from the builtin a caller would
+catch anyway (``ValueError``, ``RuntimeError``), so ``except ValueError`` keeps
+working for code that does not know about phema.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IllPosedWarning",
+    "PhemaError",
+    "ProfileError",
+    "SolverError",
+    "StateError",
+    "TrackingError",
+]
+
+
+class PhemaError(Exception):
+    """Base class of every error raised by phema."""
+
+
+class ProfileError(PhemaError, ValueError):
+    """A profile parameter (std, gamma, time, half-life) is out of its valid range."""
+
+
+class SolverError(PhemaError, ValueError):
+    """A reconstruction request cannot be solved (no usable snapshot, duplicates, singular)."""
+
+
+class TrackingError(PhemaError, RuntimeError):
+    """``PowerFunctionEMA`` was used inconsistently (time going back, a parameter moved)."""
+
+
+class StateError(PhemaError, ValueError):
+    """A saved EMA state does not match the tracker it is loaded into."""
+
+
+class IllPosedWarning(UserWarning):
+    """A reconstruction request is solvable but poorly posed; the message gives the fit quality."""

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: install, then lint (ruff), types (mypy), tests (pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+PY="${PYTHON:-python3}"
+"$PY" -m ruff check .
+"$PY" -m ruff format --check .
+"$PY" -m mypy
+"$PY" -m pytest -q --durations=10 "$@"
