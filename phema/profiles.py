@@ -243,13 +243,15 @@ def power_inner(
     ga = np.asarray(gamma_a, dtype=np.float64)
     gb = np.asarray(gamma_b, dtype=np.float64)
     big_t = np.minimum(ta, tb)
+    # T^(ga+gb+1) / (ta^(ga+1) tb^(gb+1)) = (T/ta)^(ga+1) (T/tb)^(gb+1) / T: one ratio is
+    # exactly 1 and the other <= 1, so no large logarithms cancel.
     log_val = (
         np.log1p(ga)
         + np.log1p(gb)
         - np.log1p(ga + gb)
-        + (ga + gb + 1.0) * np.log(big_t)
-        - (ga + 1.0) * np.log(ta)
-        - (gb + 1.0) * np.log(tb)
+        + (ga + 1.0) * np.log(big_t / ta)
+        + (gb + 1.0) * np.log(big_t / tb)
+        - np.log(big_t)
     )
     out: Float64Array = np.exp(log_val)
     return out

@@ -1,0 +1,99 @@
+"""Small helpers shared by the benchmark scripts: timing, summary statistics, JSON output.
+
+Every figure a benchmark prints goes through :func:`emit`, which writes one JSON
+object per line to stdout with the benchmark name, the case, the metric fields and
+the context the figure was measured in (torch version, device, thread count), so
+that the output can be collected with ``> results.jsonl`` and compared across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "device_name",
+    "emit",
+    "sig",
+    "summarize_ms",
+    "summarize_us",
+    "synchronize",
+    "time_call",
+]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (a no-op on the CPU, where ops run eagerly)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, with the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def sig(x: float, digits: int = 5) -> float:
+    """``x`` rounded to ``digits`` significant digits, for readable JSON."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+def summarize_ms(seconds: Iterable[float]) -> dict[str, float]:
+    """Median, min and max of durations given in seconds, as milliseconds."""
+    ms = [s * 1e3 for s in seconds]
+    return {
+        "ms_median": sig(statistics.median(ms)),
+        "ms_min": sig(min(ms)),
+        "ms_max": sig(max(ms)),
+        "samples": len(ms),
+    }
+
+
+def summarize_us(seconds: Iterable[float]) -> dict[str, float]:
+    """Median, min and max of durations given in seconds, as microseconds."""
+    us = [s * 1e6 for s in seconds]
+    return {
+        "us_median": sig(statistics.median(us)),
+        "us_min": sig(min(us)),
+        "us_max": sig(max(us)),
+        "samples": len(us),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the hardware behind ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def emit(bench: str, case: str, device: torch.device | str = "cpu", **fields: Any) -> None:
+    """Print one JSON object on one line: ``bench``, ``case``, ``fields`` and the run context."""
+    record: dict[str, Any] = {"bench": bench, "case": case}
+    record.update(fields)
+    record["device"] = str(device)
+    record["torch"] = torch.__version__
+    record["threads"] = torch.get_num_threads()
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
