@@ -1,5 +1,6 @@
 """Profile maths against closed forms and an independent mpmath oracle."""
 
+import itertools
 import math
 
 import mpmath
@@ -102,7 +103,7 @@ def test_beta_formula_and_exact_profile_weights():
     # Product of betas telescopes to (t_i / t_N)^(gamma+1) whatever the spacing.
     times = [3.0, 4.5, 10.0, 10.25, 40.0]
     prod = 1.0
-    for a, b in zip(times[:-1], times[1:], strict=True):
+    for a, b in itertools.pairwise(times):
         prod *= power_beta(g, a, b)
     assert prod == pytest.approx((3.0 / 40.0) ** (g + 1), rel=1e-13)
 
