@@ -1,0 +1,58 @@
+"""The public surface is pinned, and importing phema pulls in no CLI or storage extras."""
+
+import subprocess
+import sys
+
+import phema
+
+EXPECTED = {
+    "STD_MAX",
+    "BufferPolicy",
+    "ExponentialProfile",
+    "Fit",
+    "IllPosedWarning",
+    "PhemaError",
+    "PowerFunctionEMA",
+    "PowerProfile",
+    "Profile",
+    "ProfileError",
+    "Snapshot",
+    "Solution",
+    "SolverError",
+    "StateError",
+    "TrackingError",
+    "fit_profiles",
+    "gamma_to_sigma_rel",
+    "power_beta",
+    "power_inner",
+    "power_weight",
+    "reconstruct_in_memory",
+    "sigma_rel_to_gamma",
+    "solve_weights",
+    "unwrap_module",
+}
+
+
+def test_all_is_pinned():
+    assert set(phema.__all__) == EXPECTED
+    for name in phema.__all__:
+        assert hasattr(phema, name), name
+
+
+def test_errors_are_also_builtins():
+    assert issubclass(phema.ProfileError, ValueError)
+    assert issubclass(phema.SolverError, ValueError)
+    assert issubclass(phema.StateError, ValueError)
+    assert issubclass(phema.TrackingError, RuntimeError)
+    for cls in (phema.ProfileError, phema.SolverError, phema.StateError, phema.TrackingError):
+        assert issubclass(cls, phema.PhemaError)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, phema; "
+        "heavy = [m for m in ('typer', 'rich', 's3fs', 'huggingface_hub', 'phema_cli') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
