@@ -2,14 +2,16 @@
 
 Every figure a benchmark prints goes through :func:`emit`, which writes one JSON
 object per line to stdout with the benchmark name, the case, the metric fields and
-the context the figure was measured in (torch version, device, thread count), so
-that the output can be collected with ``> results.jsonl`` and compared across runs.
+the context the figure was measured in (torch version, device, thread count, the
+1-minute load average of the machine), so that the output can be collected with
+``> results.jsonl`` and compared across runs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -95,5 +97,7 @@ def emit(bench: str, case: str, device: torch.device | str = "cpu", **fields: An
     record["device"] = str(device)
     record["torch"] = torch.__version__
     record["threads"] = torch.get_num_threads()
+    if hasattr(os, "getloadavg"):  # other processes competing for the cores skew timings
+        record["load_1m"] = round(os.getloadavg()[0], 2)
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()

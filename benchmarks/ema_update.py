@@ -563,7 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="~2M-parameter model, few samples")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 10)")
     p.add_argument(
         "--repeats", type=int, default=None, help="timed calls per case per round (default 8)"
     )
@@ -582,7 +582,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
     quick_defaults = {"rounds": 2, "repeats": 3, "overhead_repeats": 10}
-    full_defaults = {"rounds": 5, "repeats": 8, "overhead_repeats": 40}
+    full_defaults = {"rounds": 10, "repeats": 8, "overhead_repeats": 40}
     for key, value in (quick_defaults if args.quick else full_defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
