@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from phema import PowerFunctionEMA, StateError, TrackingError, power_weight
@@ -19,9 +21,9 @@ def _exact_profile(times, gamma):
     return (t[1:] ** (gamma + 1) - t[:-1] ** (gamma + 1)) / t[-1] ** (gamma + 1)
 
 
-def _one_hot_run(times, n_params):
+def _one_hot_run(times, n_params, stds=(0.05, 0.10, 0.2)):
     net = nn.Linear(n_params, 1, bias=False).double()
-    ema = PowerFunctionEMA(net, stds=(0.05, 0.10, 0.2))
+    ema = PowerFunctionEMA(net, stds=stds)
     for i, t in enumerate(times):
         with torch.no_grad():
             net.weight.zero_()
@@ -317,3 +319,18 @@ def test_snapshot_copies_every_profile_in_the_requested_dtype():
     snaps = ema.snapshot(torch.float16)
     assert [(s.t, s.std) for s in snaps] == [(7.0, 0.05), (7.0, 0.10)]
     assert all(v.dtype == torch.float16 for s in snaps for v in s.tensors.values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(0.01, 100.0), min_size=1, max_size=40),
+    st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.28]),
+)
+def test_profile_invariants_for_any_schedule(gaps, std):
+    """For any increasing times: weights are the exact profile, non-negative, summing to one."""
+    times = np.cumsum(gaps)
+    ema = _one_hot_run(times, len(times), stds=(std,))
+    got = ema.profile(std)["weight"][0].numpy()
+    assert np.all(got >= 0)
+    assert got.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(got, _exact_profile(times, ema.gammas[0]), rtol=0, atol=1e-12)
