@@ -17,6 +17,11 @@ profiles: the update moves ``(2K + 1)`` element-widths per parameter instead of
 ``3K``. All tensors go through one ``torch._foreach_lerp_`` call per group, which
 keeps the fixed cost per tensor at the level of a bare foreach op.
 
+On accelerators the same buffer is used "profile-major" (one block per tensor,
+``B = n``): profile ``k`` of every tensor is then contiguous, and the update is K
+fast-path ``_foreach_lerp_`` calls with scalar weights (a few fused kernels),
+where a broadcasting weight tensor would launch one kernel per tensor.
+
 Sources whose dtype differs from the shadow dtype (bf16/fp16 parameters under
 fp32 shadows) or that are not contiguous are first copied into a reused fp32
 staging buffer in bounded groups (``lerp`` needs both operands in one dtype).
@@ -25,28 +30,34 @@ staging buffer in bounded groups (``lerp`` needs both operands in one dtype).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from phema.errors import TrackingError
 
-__all__ = ["FusedShadows"]
+__all__ = ["FusedShadows", "Layout"]
 
 #: Elements per block; 4 KiB of fp32, so source and K shadow blocks sit in L1.
 BLOCK = 1024
 #: Largest staging buffer for low-precision or strided sources, in elements.
 STAGING_ELEMENTS = 1 << 22
 
+#: ``"auto"`` picks ``"blocked"`` for CPU tensors and ``"profile_major"`` elsewhere.
+Layout = Literal["auto", "blocked", "profile_major"]
 
-def _block_size(n: int) -> int:
-    if n <= BLOCK:
-        return n
-    for b in range(BLOCK, BLOCK // 4 - 1, -1):
-        if n % b == 0:
-            return b
-    return BLOCK
+
+def _segments(n: int, blocked: bool) -> list[tuple[int, int, int]]:
+    """``(source offset, n_blocks, block size)`` pieces covering ``n`` elements."""
+    if n == 0:
+        return []
+    b = n
+    if blocked and n > BLOCK:
+        b = next((c for c in range(BLOCK, BLOCK // 4 - 1, -1) if n % c == 0), BLOCK)
+    nb, rest = divmod(n, b)
+    return [(0, nb, b)] + ([(nb * b, 1, rest)] if rest else [])
 
 
 @dataclass
@@ -56,8 +67,9 @@ class _Entry:
     shape: torch.Size
     numel: int
     storage: Tensor  # flat, K * numel elements
-    segments: list[tuple[int, int, int]]  # (source offset, n_blocks, block size)
+    segments: list[tuple[int, int, int]]
     direct: bool  # source can be viewed in place (same dtype, contiguous)
+    blocked: bool
 
     def shadow_views(self, k_profiles: int) -> list[Tensor]:
         views, pos = [], 0
@@ -70,56 +82,106 @@ class _Entry:
         return [flat[off : off + nb * b].view(nb, 1, b) for off, nb, b in self.segments]
 
 
+@dataclass
+class _Pass:
+    """Views for one group of tensors sharing device, dtype and layout."""
+
+    device: torch.device
+    dtype: torch.dtype
+    blocked: bool
+    dst: list[Tensor] = field(default_factory=list)  # (nb, K, B) shadow views
+    src: list[Tensor] = field(default_factory=list)  # (nb, 1, B) source views
+    dst_by_profile: list[list[Tensor]] = field(default_factory=list)  # profile-major only
+    src_flat: list[Tensor] = field(default_factory=list)  # profile-major only
+
+    def add(self, dst: list[Tensor], src: list[Tensor]) -> None:
+        self.dst.extend(dst)
+        self.src.extend(src)
+
+    def finish(self, k_profiles: int) -> _Pass:
+        if not self.blocked:
+            self.dst_by_profile = [[d[0, k] for d in self.dst] for k in range(k_profiles)]
+            self.src_flat = [x[0, 0] for x in self.src]
+        return self
+
+    def run(self, weights: Sequence[float]) -> None:
+        if not self.dst:
+            return
+        if self.blocked:
+            w = torch.tensor(list(weights), dtype=self.dtype, device=self.device)
+            w = w.view(1, len(weights), 1)
+            torch._foreach_lerp_(self.dst, self.src, [w] * len(self.dst))
+        else:
+            for dst, wk in zip(self.dst_by_profile, weights, strict=True):
+                torch._foreach_lerp_(dst, self.src_flat, wk)
+
+
+@dataclass
+class _Staged:
+    """Sources copied into a staging buffer before their pass."""
+
+    indices: list[int]
+    shaped: list[Tensor]  # staging views shaped like the sources
+    step: _Pass
+
+
 class FusedShadows:
     """K fp32 (or wider) shadow copies of ``sources``, updated by :meth:`lerp`."""
 
     def __init__(
-        self, sources: Sequence[Tensor], num_profiles: int, dtype: torch.dtype | None = None
+        self,
+        sources: Sequence[Tensor],
+        num_profiles: int,
+        dtype: torch.dtype | None = None,
+        layout: Layout = "auto",
     ) -> None:
         self.k = num_profiles
         self.sources = list(sources)
         self.entries: list[_Entry] = []
         for src in self.sources:
             sdtype = dtype or torch.promote_types(src.dtype, torch.float32)
+            blocked = layout == "blocked" or (layout == "auto" and src.device.type == "cpu")
             n = src.numel()
-            b = _block_size(n)
-            nb, rest = divmod(n, b)
-            segments = [(0, nb, b)] + ([(nb * b, 1, rest)] if rest else [])
             storage = torch.zeros(self.k * n, dtype=sdtype, device=src.device)
             direct = src.dtype == sdtype and src.is_contiguous()
-            self.entries.append(_Entry(src.shape, n, storage, segments, direct))
+            self.entries.append(
+                _Entry(src.shape, n, storage, _segments(n, blocked), direct, blocked)
+            )
         self._shadow_views = [e.shadow_views(self.k) for e in self.entries]
         self._ptrs: list[int] = []
-        self._direct_src: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
-        self._direct_src = {}
+        self._direct: list[_Pass] = []
         self._staged = self._plan_staging()
 
-    def _plan_staging(self) -> list[tuple[list[int], Tensor, list[Tensor], list[Tensor]]]:
+    def _plan_staging(self) -> list[_Staged]:
         """Group staged sources so that each group fits one staging buffer."""
-        groups: list[tuple[list[int], Tensor, list[Tensor], list[Tensor]]] = []
-        pending: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        groups: list[_Staged] = []
+        pending: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
         for i, e in enumerate(self.entries):
             if not e.direct:
-                pending.setdefault((e.storage.device, e.storage.dtype), []).append(i)
-        for (device, sdtype), idxs in pending.items():
-            chunk: list[int] = []
+                key = (e.storage.device, e.storage.dtype, e.blocked)
+                pending.setdefault(key, []).append(i)
+        for (device, sdtype, blocked), idxs in pending.items():
+            chunks: list[list[int]] = [[]]
             size = 0
-            for i in [*idxs, -1]:
-                n = self.entries[i].numel if i >= 0 else 0
-                if chunk and (i < 0 or size + n > STAGING_ELEMENTS):
-                    buf = torch.empty(size, dtype=sdtype, device=device)
-                    shaped, blocked, off = [], [], 0
-                    for j in chunk:
-                        e = self.entries[j]
-                        flat = buf[off : off + e.numel]
-                        shaped.append(flat.view(e.shape))
-                        blocked.extend(e.source_views(flat))
-                        off += e.numel
-                    groups.append((chunk, buf, shaped, blocked))
-                    chunk, size = [], 0
-                if i >= 0:
-                    chunk.append(i)
-                    size += n
+            for i in idxs:
+                if chunks[-1] and size + self.entries[i].numel > STAGING_ELEMENTS:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(i)
+                size += self.entries[i].numel
+            for chunk in chunks:
+                buf = torch.empty(
+                    sum(self.entries[j].numel for j in chunk), dtype=sdtype, device=device
+                )
+                step = _Pass(device, sdtype, blocked)
+                shaped, off = [], 0
+                for j in chunk:
+                    e = self.entries[j]
+                    flat = buf[off : off + e.numel]
+                    shaped.append(flat.view(e.shape))
+                    step.add(self._shadow_views[j], e.source_views(flat))
+                    off += e.numel
+                groups.append(_Staged(chunk, shaped, step.finish(self.k)))
         return groups
 
     def _refresh_direct(self) -> None:
@@ -138,34 +200,26 @@ class FusedShadows:
                     f"a tracked tensor changed dtype or layout (now {src.dtype}); "
                     "create the EMA after casting and moving the model"
                 )
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        passes: dict[tuple[torch.device, torch.dtype, bool], _Pass] = {}
         for src, e, sviews in zip(self.sources, self.entries, self._shadow_views, strict=True):
             if e.direct:
-                dst, srcs = groups.setdefault((e.storage.device, e.storage.dtype), ([], []))
-                dst.extend(sviews)
-                srcs.extend(e.source_views(src.detach().view(-1)))
-        self._direct_src = groups
+                key = (e.storage.device, e.storage.dtype, e.blocked)
+                step = passes.setdefault(key, _Pass(*key))
+                step.add(sviews, e.source_views(src.detach().view(-1)))
+        self._direct = [p.finish(self.k) for p in passes.values()]
         self._ptrs = ptrs
 
+    @torch.no_grad()
     def lerp(self, weights: Sequence[float]) -> None:
         """``shadow[k] += weights[k] * (source - shadow[k])`` for every profile ``k``."""
         self._refresh_direct()
-        wcache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        for step in self._direct:
+            step.run(weights)
+        for staged in self._staged:
+            torch._foreach_copy_(staged.shaped, [self.sources[i] for i in staged.indices])
+            staged.step.run(weights)
 
-        def weight(device: torch.device, dtype: torch.dtype) -> Tensor:
-            w = wcache.get((device, dtype))
-            if w is None:
-                w = torch.tensor(list(weights), dtype=dtype, device=device).view(1, self.k, 1)
-                wcache[(device, dtype)] = w
-            return w
-
-        for (device, dtype), (dst, srcs) in self._direct_src.items():
-            torch._foreach_lerp_(dst, srcs, [weight(device, dtype)] * len(dst))
-        for idxs, buf, shaped, blocked in self._staged:
-            torch._foreach_copy_(shaped, [self.sources[i] for i in idxs])
-            dst = [v for i in idxs for v in self._shadow_views[i]]
-            torch._foreach_lerp_(dst, blocked, [weight(buf.device, buf.dtype)] * len(dst))
-
+    @torch.no_grad()
     def copy_from_sources(self) -> None:
         """Set every profile to the current sources (the first update)."""
         for src, e, sviews in zip(self.sources, self.entries, self._shadow_views, strict=True):
@@ -177,8 +231,11 @@ class FusedShadows:
         """A contiguous copy of profile ``k`` of tensor ``index``, in the shadow dtype."""
         e = self.entries[index]
         parts = [v[:, k, :].reshape(-1) for v in self._shadow_views[index]]
+        if not parts:
+            return e.storage.new_empty(e.shape)
         return torch.cat(parts).view(e.shape)
 
+    @torch.no_grad()
     def set(self, index: int, k: int, value: Tensor) -> None:
         """Overwrite profile ``k`` of tensor ``index`` with ``value`` (same shape)."""
         e = self.entries[index]
