@@ -18,8 +18,8 @@ from phema._shadow import FusedShadows
 
 def _exact_profile(times, gamma):
     """Weight of interval (t_{i-1}, t_i] in the EMA at t_N: the integral of the power density."""
-    t = np.concatenate([[0.0], np.asarray(times, dtype=np.float64)])
-    return (t[1:] ** (gamma + 1) - t[:-1] ** (gamma + 1)) / t[-1] ** (gamma + 1)
+    u = np.concatenate([[0.0], np.asarray(times, dtype=np.float64)]) / times[-1]
+    return u[1:] ** (gamma + 1) - u[:-1] ** (gamma + 1)  # in ratios: t^(gamma+1) overflows
 
 
 def _one_hot_run(times, n_params, stds=(0.05, 0.10, 0.2)):
