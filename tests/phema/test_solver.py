@@ -6,7 +6,7 @@ import warnings
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from phema import (
@@ -155,7 +155,6 @@ def test_later_snapshots_get_zero_weight_and_fit_uses_earlier_ones():
     assert sol.fits[0].num_inputs == 4
 
 
-@settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.floats(0.03, 0.25), min_size=1, max_size=4),
     st.sampled_from([512.0, 768.0, 1024.0]),
