@@ -215,7 +215,8 @@ class PowerFunctionEMA:
     def swapped(self, std: float) -> Iterator[nn.Module]:
         """Context manager: the module holds profile ``std``'s weights inside the block.
 
-        The training weights are restored on exit, also when the block raises.
+        The training weights are kept in one temporary copy of the tracked tensors and
+        restored on exit, also when the block raises.
         """
         k = self.index(std)
         self._require_updated()
