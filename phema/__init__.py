@@ -6,6 +6,7 @@ training with the float64 least-squares solver in :mod:`phema.solver`.
 """
 
 from phema.errors import (
+    FormatError,
     IllPosedWarning,
     PhemaError,
     ProfileError,
@@ -33,6 +34,7 @@ __all__ = [
     "BufferPolicy",
     "ExponentialProfile",
     "Fit",
+    "FormatError",
     "IllPosedWarning",
     "PhemaError",
     "PowerFunctionEMA",

@@ -8,6 +8,7 @@ working for code that does not know about phema.
 from __future__ import annotations
 
 __all__ = [
+    "FormatError",
     "IllPosedWarning",
     "PhemaError",
     "ProfileError",
@@ -35,6 +36,10 @@ class TrackingError(PhemaError, RuntimeError):
 
 class StateError(PhemaError, ValueError):
     """A saved EMA state does not match the tracker it is loaded into."""
+
+
+class FormatError(PhemaError, ValueError):
+    """A snapshot file is not a valid safetensors file of the expected layout."""
 
 
 class IllPosedWarning(UserWarning):

@@ -10,6 +10,7 @@ EXPECTED = {
     "BufferPolicy",
     "ExponentialProfile",
     "Fit",
+    "FormatError",
     "IllPosedWarning",
     "PhemaError",
     "PowerFunctionEMA",
@@ -44,7 +45,14 @@ def test_errors_are_also_builtins():
     assert issubclass(phema.SolverError, ValueError)
     assert issubclass(phema.StateError, ValueError)
     assert issubclass(phema.TrackingError, RuntimeError)
-    for cls in (phema.ProfileError, phema.SolverError, phema.StateError, phema.TrackingError):
+    assert issubclass(phema.FormatError, ValueError)
+    for cls in (
+        phema.FormatError,
+        phema.ProfileError,
+        phema.SolverError,
+        phema.StateError,
+        phema.TrackingError,
+    ):
         assert issubclass(cls, phema.PhemaError)
 
 

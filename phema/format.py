@@ -1,0 +1,235 @@
+"""The snapshot file format: safetensors with phema's metadata, written and parsed by phema.
+
+A snapshot file is a plain safetensors file (loadable by ``safetensors.torch``):
+
+* bytes 0-7: ``N``, the header length, unsigned 64-bit little endian;
+* bytes 8 .. 8+N: a JSON object, padded with spaces so that the data starts at a
+  multiple of 8: ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` plus
+  ``"__metadata__"``, a flat string -> string map;
+* then the tensors' bytes, little endian, C order, contiguous in header order.
+
+phema writes tensors in a fixed order (widest dtype first, then the caller's
+order) so that every snapshot of a run shares one byte layout: the streaming
+reconstruction relies on it, and ``__metadata__["phema.layout"]`` records a hash
+of that layout (names, dtypes, shapes in file order). Headers are built and parsed
+here, never by unpickling, so that the data section can be streamed window by
+window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from phema.errors import FormatError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "Header",
+    "TensorInfo",
+    "encode_header",
+    "layout_hash",
+    "parse_header",
+    "parse_header_length",
+    "serialize",
+]
+
+#: Version of phema's metadata schema, stored as ``phema.format``.
+FORMAT_VERSION = "1"
+#: Largest header accepted, as in the safetensors reference implementation.
+MAX_HEADER_BYTES = 100_000_000
+
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the data section: ``[begin, end)`` bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed header: tensors in data order, metadata, and where the data starts."""
+
+    tensors: tuple[TensorInfo, ...]
+    metadata: Mapping[str, str]
+    data_start: int  # 8 + N
+
+    @property
+    def data_bytes(self) -> int:
+        """Length of the data section."""
+        return self.tensors[-1].end if self.tensors else 0
+
+    @property
+    def file_bytes(self) -> int:
+        """Length of the whole file."""
+        return self.data_start + self.data_bytes
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.float16`` -> ``"F16"``)."""
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise FormatError(
+            f"dtype {dtype} cannot be stored; supported: {sorted(_FROM_NAME)}"
+        ) from None
+
+
+def _order(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[int]:
+    # Widest dtype first keeps every tensor aligned to its element size.
+    return sorted(range(len(specs)), key=lambda i: -specs[i][1].itemsize)
+
+
+def layout_hash(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> str:
+    """SHA-256 (hex, 16 chars) of the names, dtypes and shapes in file order."""
+    ordered = [specs[i] for i in _order(specs)]
+    text = json.dumps([[n, dtype_name(d), list(s)] for n, d, s in ordered])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_header(
+    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> tuple[bytes, Header]:
+    """The first ``8 + N`` bytes of a file holding ``specs``, and the parsed header.
+
+    Args:
+        specs: ``(name, dtype, shape)`` per tensor; names must be unique.
+        metadata: String -> string pairs for ``__metadata__``.
+
+    Returns:
+        The encoded prefix and the :class:`Header` it describes (tensors in file order).
+    """
+    names = [n for n, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise FormatError(f"tensor names must be unique, got duplicates in {names}")
+    for key, value in metadata.items():
+        if not (isinstance(key, str) and isinstance(value, str)):
+            raise FormatError(f"metadata must map str to str, got {key!r}: {value!r}")
+    body: dict[str, object] = {"__metadata__": dict(metadata)}
+    infos, pos = [], 0
+    for i in _order(specs):
+        name, dtype, shape = specs[i]
+        size = math.prod(shape) * dtype.itemsize
+        body[name] = {
+            "dtype": dtype_name(dtype),
+            "shape": list(shape),
+            "data_offsets": [pos, pos + size],
+        }
+        infos.append(TensorInfo(name, dtype, tuple(shape), pos, pos + size))
+        pos += size
+    text = json.dumps(body, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, Header(tuple(infos), dict(metadata), len(prefix))
+
+
+def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A whole safetensors file for ``tensors`` (CPU copies are made as needed)."""
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    prefix, header = encode_header(specs, metadata)
+    parts = [prefix]
+    for info in header.tensors:
+        t = tensors[info.name].detach().to("cpu").contiguous()
+        parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)
+
+
+def parse_header_length(first8: bytes, source: str) -> int:
+    """``N`` from the first 8 bytes, checked against :data:`MAX_HEADER_BYTES`."""
+    if len(first8) < 8:
+        raise FormatError(f"{source}: file is {len(first8)} bytes, too short for safetensors")
+    (n,) = struct.unpack("<Q", first8[:8])
+    if not 2 <= n <= MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{source}: header length {n} is outside [2, {MAX_HEADER_BYTES}]; "
+            "not a safetensors file, or a corrupt one"
+        )
+    return int(n)
+
+
+def parse_header(header: bytes, source: str, file_size: int | None = None) -> Header:
+    """Parse and validate the JSON header (bytes ``8 .. 8+N``) of file ``source``.
+
+    Checks that offsets are contiguous from 0, that each tensor's byte count equals
+    its elements times its dtype size, and, given ``file_size``, that the file ends
+    exactly at the last tensor (a truncated file is named as such).
+
+    Raises:
+        FormatError: Naming ``source`` and what is wrong.
+    """
+    try:
+        body = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{source}: header is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise FormatError(f"{source}: header is not a JSON object")
+    metadata = body.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError(f"{source}: __metadata__ must map strings to strings")
+    infos = []
+    for name, entry in body.items():
+        try:
+            dtype = _FROM_NAME[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(
+                f"{source}: entry {name!r} is malformed or has an unsupported dtype ({entry!r})"
+            ) from None
+        if end - begin != math.prod(shape) * dtype.itemsize or min(shape, default=0) < 0:
+            raise FormatError(
+                f"{source}: tensor {name!r} spans {end - begin} bytes, but {dtype} {shape} "
+                f"needs {math.prod(shape) * dtype.itemsize}"
+            )
+        infos.append(TensorInfo(name, dtype, shape, begin, end))
+    infos.sort(key=lambda i: (i.begin, i.end))
+    pos = 0
+    for info in infos:
+        if info.begin != pos:
+            raise FormatError(
+                f"{source}: tensor {info.name!r} starts at byte {info.begin}, expected {pos} "
+                "(overlapping or missing data)"
+            )
+        pos = info.end
+    parsed = Header(tuple(infos), metadata, 8 + len(header))
+    if file_size is not None and file_size != parsed.file_bytes:
+        what = "truncated" if file_size < parsed.file_bytes else "has trailing bytes"
+        raise FormatError(
+            f"{source}: file is {file_size} bytes but its header describes "
+            f"{parsed.file_bytes}: the file {what}"
+        )
+    return parsed
