@@ -12,6 +12,7 @@ from phema.errors import (
     ProfileError,
     SolverError,
     StateError,
+    StorageError,
     TrackingError,
 )
 from phema.memory import Snapshot, reconstruct_in_memory
@@ -24,8 +25,10 @@ from phema.profiles import (
     sigma_rel_to_gamma,
 )
 from phema.solver import Fit, Solution, fit_profiles, solve_weights
+from phema.store import SnapshotInfo, SnapshotStore
 from phema.targets import ExponentialProfile, PowerProfile, Profile
 from phema.tracking import BufferPolicy, PowerFunctionEMA, unwrap_module
+from phema.writer import SnapshotWriter
 
 __version__ = "0.1.0"
 
@@ -42,9 +45,13 @@ __all__ = [
     "Profile",
     "ProfileError",
     "Snapshot",
+    "SnapshotInfo",
+    "SnapshotStore",
+    "SnapshotWriter",
     "Solution",
     "SolverError",
     "StateError",
+    "StorageError",
     "TrackingError",
     "fit_profiles",
     "gamma_to_sigma_rel",

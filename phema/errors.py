@@ -14,6 +14,7 @@ __all__ = [
     "ProfileError",
     "SolverError",
     "StateError",
+    "StorageError",
     "TrackingError",
 ]
 
@@ -40,6 +41,10 @@ class StateError(PhemaError, ValueError):
 
 class FormatError(PhemaError, ValueError):
     """A snapshot file is not a valid safetensors file of the expected layout."""
+
+
+class StorageError(PhemaError, OSError):
+    """A store cannot be read or written (missing URL, permissions, mixed layouts)."""
 
 
 class IllPosedWarning(UserWarning):

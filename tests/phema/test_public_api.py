@@ -18,9 +18,13 @@ EXPECTED = {
     "Profile",
     "ProfileError",
     "Snapshot",
+    "SnapshotInfo",
+    "SnapshotStore",
+    "SnapshotWriter",
     "Solution",
     "SolverError",
     "StateError",
+    "StorageError",
     "TrackingError",
     "fit_profiles",
     "gamma_to_sigma_rel",
@@ -46,11 +50,13 @@ def test_errors_are_also_builtins():
     assert issubclass(phema.StateError, ValueError)
     assert issubclass(phema.TrackingError, RuntimeError)
     assert issubclass(phema.FormatError, ValueError)
+    assert issubclass(phema.StorageError, OSError)
     for cls in (
         phema.FormatError,
         phema.ProfileError,
         phema.SolverError,
         phema.StateError,
+        phema.StorageError,
         phema.TrackingError,
     ):
         assert issubclass(cls, phema.PhemaError)

@@ -1,0 +1,240 @@
+"""Snapshot stores: a folder of snapshot files at any fsspec URL, written atomically.
+
+One file per (time, profile): ``phema-<t>-<std>.safetensors`` holding that
+profile's full ``state_dict`` (see :mod:`phema.format`), with ``__metadata__``
+
+================  =====================================================
+``phema.format``  schema version (:data:`~phema.format.FORMAT_VERSION`)
+``phema.kind``    ``"snapshot"``
+``phema.std``     the profile's relative std (``repr`` of a float)
+``phema.gamma``   its exponent
+``phema.t``       training time of the snapshot, ``phema.t_unit`` its unit
+``phema.step``    optimizer step, or ``""`` when unknown
+``phema.layout``  :func:`~phema.format.layout_hash` of the tensors
+``phema.copied``  JSON list of tensors copied from the live module, not averaged
+================  =====================================================
+
+File names are for people; listing reads every file's header (two exact ranged
+reads) and trusts only the metadata. A file is either complete or absent: local
+files are written to a hidden temporary name in the same folder, synced and
+renamed; other filesystems write inside an fsspec transaction (an S3 multipart
+upload is aborted on error); ``memory://`` stores the bytes in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from torch import Tensor
+
+from phema.errors import FormatError, StorageError
+from phema.format import FORMAT_VERSION, Header, layout_hash, parse_header, parse_header_length
+from phema.format import serialize as serialize_file
+
+__all__ = ["SnapshotInfo", "SnapshotStore", "check_layouts", "snapshot_metadata", "snapshot_name"]
+
+SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot file as listed: where it is, what it holds, and its parsed header."""
+
+    path: str
+    url: str
+    t: float
+    std: float
+    gamma: float
+    t_unit: str
+    step: int | None
+    layout: str
+    size: int
+    copied: tuple[str, ...]
+    header: Header
+
+
+def snapshot_metadata(
+    tensors: Mapping[str, Tensor],
+    *,
+    t: float,
+    std: float,
+    gamma: float,
+    t_unit: str,
+    step: int | None,
+    copied: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """The ``__metadata__`` of a snapshot of ``tensors`` (see the module docstring)."""
+    specs = [(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()]
+    return {
+        "phema.format": FORMAT_VERSION,
+        "phema.kind": "snapshot",
+        "phema.std": repr(float(std)),
+        "phema.gamma": repr(float(gamma)),
+        "phema.t": repr(float(t)),
+        "phema.t_unit": t_unit,
+        "phema.step": "" if step is None else str(int(step)),
+        "phema.layout": layout_hash(specs),
+        "phema.copied": json.dumps(list(copied)),
+    }
+
+
+def snapshot_name(t: float, std: float) -> str:
+    """``phema-000000004096-0.0500.safetensors``: sortable by time, then std."""
+    t_token = f"{int(t):012d}" if float(t).is_integer() else f"{t:.9e}"
+    return f"phema-{t_token}-{std:.4f}{SUFFIX}"
+
+
+class SnapshotStore:
+    """A folder of snapshots at ``url`` (local path, ``file://``, ``memory://``, ``s3://``...).
+
+    Args:
+        url: Where the snapshots live.
+        **storage_options: Passed to :func:`fsspec.url_to_fs` (credentials, endpoint).
+    """
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        self.url = url
+        try:
+            self.fs, self.root = fsspec.url_to_fs(url, **storage_options)
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"cannot open {url!r}: {exc}") from exc
+        self._local = "file" in _protocols(self.fs)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def write(self, name: str, data: bytes, *, overwrite: bool = False) -> str:
+        """Write ``data`` as file ``name`` atomically; refuses to replace unless asked."""
+        path = self._path(name)
+        if not overwrite and self.fs.exists(path):
+            raise StorageError(
+                f"{self.url}/{name} exists; snapshots are never overwritten (delete it first)"
+            )
+        if self._local:
+            os.makedirs(self.root, exist_ok=True)
+            tmp = self._path(f".{name}.tmp-{uuid.uuid4().hex}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        elif "memory" in _protocols(self.fs):
+            self.fs.pipe_file(path, data)
+        else:
+            with self.fs.transaction, self.fs.open(path, "wb") as f:
+                f.write(data)
+        return path
+
+    def save(
+        self,
+        tensors: Mapping[str, Tensor],
+        *,
+        t: float,
+        std: float,
+        gamma: float,
+        t_unit: str = "steps",
+        step: int | None = None,
+        copied: tuple[str, ...] = (),
+    ) -> str:
+        """Serialise one profile's tensors with their metadata and write it atomically."""
+        meta = snapshot_metadata(
+            tensors, t=t, std=std, gamma=gamma, t_unit=t_unit, step=step, copied=copied
+        )
+        return self.write(snapshot_name(t, std), serialize_file(tensors, meta))
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``path``, by one exact ranged read."""
+        data: bytes = self.fs.cat_file(path, start=start, end=end)
+        if len(data) != end - start:
+            raise FormatError(
+                f"{self.url}/{os.path.basename(path)}: wanted bytes [{start}, {end}), got "
+                f"{len(data)}: the file is truncated"
+            )
+        return data
+
+    def list(self) -> list[SnapshotInfo]:
+        """Every snapshot in the store, sorted by (t, std); raises on a foreign or bad file."""
+        try:
+            if not self.fs.isdir(self.root):
+                raise StorageError(f"{self.url} does not exist or is not a folder of snapshots")
+            entries = self.fs.ls(self.root, detail=True)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise StorageError(f"cannot list {self.url}: {exc}") from exc
+        infos = []
+        for entry in entries:
+            name = os.path.basename(str(entry["name"]).rstrip("/"))
+            if entry.get("type") == "file" and name.endswith(SUFFIX) and not name.startswith("."):
+                infos.append(self._info(str(entry["name"]), name, int(entry["size"])))
+        return sorted(infos, key=lambda i: (i.t, i.std))
+
+    def _info(self, path: str, name: str, size: int) -> SnapshotInfo:
+        source = f"{self.url.rstrip('/')}/{name}"
+        n = parse_header_length(self.read_range(path, 0, min(8, size)), source)
+        if 8 + n > size:
+            raise FormatError(f"{source}: header of {n} bytes does not fit the file; truncated")
+        header = parse_header(self.read_range(path, 8, 8 + n), source, file_size=size)
+        meta = header.metadata
+        if meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
+            raise FormatError(
+                f"{source}: not a phema snapshot of format {FORMAT_VERSION} "
+                f"(phema.format={meta.get('phema.format')!r}); move it out of the store"
+            )
+        try:
+            step_text = meta["phema.step"]
+            return SnapshotInfo(
+                path=path,
+                url=source,
+                t=float(meta["phema.t"]),
+                std=float(meta["phema.std"]),
+                gamma=float(meta["phema.gamma"]),
+                t_unit=meta["phema.t_unit"],
+                step=int(step_text) if step_text else None,
+                layout=meta["phema.layout"],
+                size=size,
+                copied=tuple(json.loads(meta["phema.copied"])),
+                header=header,
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FormatError(f"{source}: metadata entry is missing or malformed ({exc})") from None
+
+    def load(self, info: SnapshotInfo) -> dict[str, Tensor]:
+        """All tensors of one snapshot (reads the data section once)."""
+        data = bytearray(self.read_range(info.path, info.header.data_start, info.size))
+        out = {}
+        for ti in info.header.tensors:
+            raw = data[ti.begin : ti.end]
+            out[ti.name] = (
+                torch.frombuffer(raw, dtype=ti.dtype).reshape(ti.shape).clone()
+                if raw
+                else torch.empty(ti.shape, dtype=ti.dtype)
+            )
+        return out
+
+
+def check_layouts(infos: list[SnapshotInfo]) -> None:
+    """Raise :class:`StorageError` naming the first file whose layout differs from the rest."""
+    if not infos:
+        return
+    ref = infos[0]
+    for info in infos[1:]:
+        if info.layout != ref.layout or info.header.tensors != ref.header.tensors:
+            raise StorageError(
+                f"{info.url} has tensor layout {info.layout}, but {ref.url} has {ref.layout}: "
+                "the store mixes snapshots of different models or dtypes"
+            )
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)

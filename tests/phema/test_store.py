@@ -1,0 +1,185 @@
+"""Snapshot stores on file:// and memory://: round trip, atomicity, listing errors, writer."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import fsspec
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from phema import (
+    FormatError,
+    PowerFunctionEMA,
+    SnapshotStore,
+    SnapshotWriter,
+    StorageError,
+)
+from phema.store import check_layouts
+
+
+@pytest.fixture(params=["file", "memory"])
+def store_url(request, tmp_path):
+    if request.param == "file":
+        yield str(tmp_path / "run")
+        return
+    url = f"memory://phema-test-{uuid.uuid4().hex}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def _trained_ema(steps=5):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 300), nn.BatchNorm1d(300), nn.Linear(300, 2))
+    ema = PowerFunctionEMA(net, stds=(0.05, 0.10))
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01 * step)
+        net(torch.randn(8, 4))
+        ema.update(step * 64)
+    return net, ema
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_writer_round_trip(store_url, dtype):
+    net, ema = _trained_ema()
+    with SnapshotWriter(store_url, dtype=dtype, t_unit="images") as writer:
+        writer.save(ema, step=5)
+    infos = SnapshotStore(store_url).list()
+    assert [(i.t, i.std, i.step, i.t_unit) for i in infos] == [
+        (320.0, 0.05, 5, "images"),
+        (320.0, 0.10, 5, "images"),
+    ]
+    check_layouts(infos)
+    store = SnapshotStore(store_url)
+    for info in infos:
+        assert info.gamma == ema.gammas[ema.index(info.std)]
+        assert "1.running_mean" in info.copied
+        got = store.load(info)
+        want = ema.profile_state_dict(info.std)
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            expected = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            assert torch.equal(got[k], expected), k
+        net.load_state_dict(got)  # a snapshot loads into the module as it is
+
+
+def test_snapshot_files_are_plain_safetensors(tmp_path):
+    _, ema = _trained_ema()
+    with SnapshotWriter(str(tmp_path)) as writer:
+        writer.save(ema)
+    files = sorted(p for p in os.listdir(tmp_path))
+    assert files == [
+        "phema-000000000320-0.0500.safetensors",
+        "phema-000000000320-0.1000.safetensors",
+    ]
+    loaded = safetensors.torch.load_file(tmp_path / files[0])
+    assert torch.equal(loaded["0.weight"], ema.profile(0.05)["0.weight"])
+
+
+def test_never_overwrites(store_url):
+    _, ema = _trained_ema()
+    with SnapshotWriter(store_url) as writer:
+        writer.save(ema)
+    writer = SnapshotWriter(store_url)
+    writer.save(ema)  # same t, same stds: the background write fails...
+    with pytest.raises(StorageError, match=r"exists; snapshots are never overwritten"):
+        writer.close()  # ...and the failure surfaces here
+
+
+def test_background_failure_surfaces_at_next_save(tmp_path, monkeypatch):
+    _, ema = _trained_ema()
+    writer = SnapshotWriter(str(tmp_path))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    writer.save(ema)
+    deadline = time.time() + 30
+    while writer._error is None and time.time() < deadline:
+        time.sleep(0.01)
+    monkeypatch.undo()
+    with pytest.raises(StorageError, match="disk full"):
+        writer.save(ema)
+    writer.close()
+    assert os.listdir(tmp_path) == []  # the failed write left nothing, not even a temp file
+
+
+_KILL_SCRIPT = r"""
+import sys, os
+from phema.store import SnapshotStore
+store = SnapshotStore(sys.argv[1])
+real_write = os.fsync
+def slow_fsync(fd):
+    print("writing", flush=True)
+    import time; time.sleep(60)
+os.fsync = slow_fsync
+store.write("phema-000000000001-0.0500.safetensors", b"x" * (64 << 20))
+"""
+
+
+def test_writer_killed_mid_snapshot_leaves_nothing_visible(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"  # bytes are in the temp file now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    leftovers = os.listdir(tmp_path)
+    assert all(name.startswith(".") for name in leftovers)  # only the hidden temp file
+    assert SnapshotStore(str(tmp_path)).list() == []
+
+
+def test_listing_names_bad_files(tmp_path):
+    _, ema = _trained_ema()
+    with SnapshotWriter(str(tmp_path)) as writer:
+        writer.save(ema)
+    store = SnapshotStore(str(tmp_path))
+    victim = tmp_path / "phema-000000000320-0.1000.safetensors"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-10])
+    with pytest.raises(FormatError, match=r"phema-000000000320-0.1000.safetensors: .*truncated"):
+        store.list()
+    victim.write_bytes(data)
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(FormatError, match=r"foreign.safetensors: not a phema snapshot"):
+        store.list()
+
+
+def test_mixed_layouts_are_named(tmp_path):
+    _, ema = _trained_ema()
+    with SnapshotWriter(str(tmp_path)) as writer:
+        writer.save(ema)
+    _, other = _trained_ema(steps=6)
+    with SnapshotWriter(str(tmp_path), dtype=torch.float16) as writer:
+        writer.save(other)
+    with pytest.raises(
+        StorageError, match=r"phema-000000000384-0.0500.safetensors has tensor layout"
+    ):
+        check_layouts(SnapshotStore(str(tmp_path)).list())
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        SnapshotStore(str(tmp_path / "nope")).list()
+    with pytest.raises(StorageError, match="cannot open"):
+        SnapshotStore("nosuchprotocol://x")
+
+
+def test_only_rank_zero_writes(tmp_path, monkeypatch):
+    import phema.writer
+
+    monkeypatch.setattr(phema.writer, "_rank", lambda: 1)
+    _, ema = _trained_ema()
+    with SnapshotWriter(str(tmp_path)) as writer:
+        writer.save(ema)
+    assert not os.path.exists(tmp_path / "phema-000000000320-0.0500.safetensors")
