@@ -120,13 +120,18 @@ def layout_hash(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> st
 
 
 def encode_header(
-    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    metadata: Mapping[str, str],
+    *,
+    keep_order: bool = False,
 ) -> tuple[bytes, Header]:
     """The first ``8 + N`` bytes of a file holding ``specs``, and the parsed header.
 
     Args:
         specs: ``(name, dtype, shape)`` per tensor; names must be unique.
         metadata: String -> string pairs for ``__metadata__``.
+        keep_order: Lay tensors out in the given order instead of widest dtype first
+            (a streamed output follows its inputs' order; readers accept any order).
 
     Returns:
         The encoded prefix and the :class:`Header` it describes (tensors in file order).
@@ -139,7 +144,7 @@ def encode_header(
             raise FormatError(f"metadata must map str to str, got {key!r}: {value!r}")
     body: dict[str, object] = {"__metadata__": dict(metadata)}
     infos, pos = [], 0
-    for i in _order(specs):
+    for i in range(len(specs)) if keep_order else _order(specs):
         name, dtype, shape = specs[i]
         size = math.prod(shape) * dtype.itemsize
         body[name] = {

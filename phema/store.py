@@ -105,21 +105,22 @@ class SnapshotStore:
             self.fs, self.root = fsspec.url_to_fs(url, **storage_options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open {url!r}: {exc}") from exc
-        self._local = "file" in _protocols(self.fs)
+        self.is_local = "file" in _protocols(self.fs)
 
-    def _path(self, name: str) -> str:
+    def path_of(self, name: str) -> str:
+        """Path of file ``name`` inside the store, for the store's filesystem."""
         return f"{self.root.rstrip('/')}/{name}"
 
     def write(self, name: str, data: bytes, *, overwrite: bool = False) -> str:
         """Write ``data`` as file ``name`` atomically; refuses to replace unless asked."""
-        path = self._path(name)
+        path = self.path_of(name)
         if not overwrite and self.fs.exists(path):
             raise StorageError(
                 f"{self.url}/{name} exists; snapshots are never overwritten (delete it first)"
             )
-        if self._local:
+        if self.is_local:
             os.makedirs(self.root, exist_ok=True)
-            tmp = self._path(f".{name}.tmp-{uuid.uuid4().hex}")
+            tmp = self.path_of(f".{name}.tmp-{uuid.uuid4().hex}")
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -175,16 +176,20 @@ class SnapshotStore:
         for entry in entries:
             name = os.path.basename(str(entry["name"]).rstrip("/"))
             if entry.get("type") == "file" and name.endswith(SUFFIX) and not name.startswith("."):
-                infos.append(self._info(str(entry["name"]), name, int(entry["size"])))
+                info = self._info(str(entry["name"]), name, int(entry["size"]))
+                if info is not None:
+                    infos.append(info)
         return sorted(infos, key=lambda i: (i.t, i.std))
 
-    def _info(self, path: str, name: str, size: int) -> SnapshotInfo:
+    def _info(self, path: str, name: str, size: int) -> SnapshotInfo | None:
         source = f"{self.url.rstrip('/')}/{name}"
         n = parse_header_length(self.read_range(path, 0, min(8, size)), source)
         if 8 + n > size:
             raise FormatError(f"{source}: header of {n} bytes does not fit the file; truncated")
         header = parse_header(self.read_range(path, 8, 8 + n), source, file_size=size)
         meta = header.metadata
+        if meta.get("phema.kind") == "reconstruction":
+            return None  # an output of phema.reconstruct, not an input
         if meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
             raise FormatError(
                 f"{source}: not a phema snapshot of format {FORMAT_VERSION} "

@@ -1,0 +1,298 @@
+r"""Streaming reconstruction: many new profiles in one pass over a store of snapshots.
+
+Every snapshot of a run shares one byte layout (:mod:`phema.format`), so the
+engine walks that layout in windows of at most ``window_bytes``: for each window
+it reads the same byte range from every snapshot that takes part (exact ranged
+reads, up to ``max_inflight`` at once), adds each one into the K outputs'
+float32 accumulators with its coefficient,
+
+.. math::
+
+    \hat\theta_j[w] \mathrel{+}= c_{ij}\, \theta^{(i)}[w],
+
+and appends the K finished windows to the K output files, whose headers were
+written up front. Each stored byte is read at most once (snapshots after the
+target time and zero-weight ones are not read at all), and memory stays near
+``window_bytes * (K + max_inflight)`` whatever the model's size. Tensors that
+snapshots copy rather than average (``phema.copied``: buffers, integer
+counters) are taken from the latest snapshot used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import IO, Literal
+
+import torch
+
+from phema.errors import StorageError
+from phema.format import FORMAT_VERSION, TensorInfo, encode_header
+from phema.solver import Fit, fit_profiles
+from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
+from phema.targets import PowerProfile
+
+__all__ = ["Reconstruction", "plan", "reconstruct"]
+
+#: Default window: 16 MiB of stored bytes per snapshot per read.
+WINDOW_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """One output: where it went, its target, and the fit's quality."""
+
+    path: str
+    fit: Fit
+    coefficients: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a reconstruction will read and write, computed before any tensor byte is read."""
+
+    inputs: list[SnapshotInfo]
+    weights: list[list[float]]  # [input][output], only inputs with a non-zero weight
+    fits: tuple[Fit, ...]
+    t: float
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Data bytes the pass will read (headers are read while listing)."""
+        return sum(i.header.data_bytes for i in self.inputs)
+
+
+def plan(
+    store: SnapshotStore,
+    stds: Sequence[float],
+    *,
+    at: float | None = None,
+    constraint: Literal["rescale", "exact"] = "rescale",
+) -> Plan:
+    """List the store, check layouts, and solve for the coefficients of each std at ``at``."""
+    infos = store.list()
+    if not infos:
+        raise StorageError(f"{store.url} holds no snapshots")
+    check_layouts(infos)
+    t = max(i.t for i in infos) if at is None else float(at)
+    targets = [PowerProfile(t, s) for s in stds]
+    solution = fit_profiles(
+        [i.t for i in infos], [i.std for i in infos], targets, constraint=constraint
+    )
+    used = [r for r in range(len(infos)) if any(solution.weights[r] != 0.0)]
+    return Plan(
+        [infos[r] for r in used],
+        [[float(w) for w in solution.weights[r]] for r in used],
+        solution.fits,
+        t,
+    )
+
+
+def _windows(
+    tensors: Sequence[TensorInfo], window: int
+) -> Iterator[list[tuple[TensorInfo, int, int]]]:
+    """Split the data section into windows of pieces ``(tensor, first, last element)``."""
+    pieces: list[tuple[TensorInfo, int, int]] = []
+    size = 0
+    for ti in tensors:
+        item = ti.dtype.itemsize
+        start = 0
+        while start < ti.numel:
+            room = max((window - size) // item, 1)
+            stop = min(ti.numel, start + room)
+            pieces.append((ti, start, stop))
+            size += (stop - start) * item
+            start = stop
+            if size >= window:
+                yield pieces
+                pieces, size = [], 0
+    if pieces:
+        yield pieces
+
+
+def reconstruct(
+    src: SnapshotStore | str,
+    stds: Sequence[float],
+    out: SnapshotStore | str,
+    *,
+    at: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    window_bytes: int = WINDOW_BYTES,
+    max_inflight: int = 8,
+    overwrite: bool = False,
+    constraint: Literal["rescale", "exact"] = "rescale",
+    progress: Callable[[int], None] | None = None,
+) -> list[Reconstruction]:
+    """Synthesise profiles ``stds`` at time ``at`` (default: the last snapshot) into ``out``.
+
+    Args:
+        src: The store of snapshots (or its URL).
+        stds: Target relative stds.
+        out: Where the outputs go (a store or URL); one safetensors file per std that
+            loads into the original module.
+        at: Target time; defaults to the latest snapshot's.
+        dtype: Storage dtype of averaged floating-point tensors in the outputs.
+        window_bytes: Bytes per snapshot read at a time.
+        max_inflight: Ranged reads in flight at once.
+        overwrite: Replace existing outputs instead of refusing.
+        constraint: Passed to :func:`~phema.solver.fit_profiles`.
+        progress: Called with the number of bytes each finished read brought.
+
+    Returns:
+        One :class:`Reconstruction` per std, in order.
+    """
+    src_store = src if isinstance(src, SnapshotStore) else SnapshotStore(src)
+    out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
+    the_plan = plan(src_store, stds, at=at, constraint=constraint)
+    inputs, weights = the_plan.inputs, the_plan.weights
+    layout = inputs[0].header.tensors
+    latest = max(range(len(inputs)), key=lambda r: inputs[r].t)
+    copied = set(inputs[latest].copied)
+    out_dtype = {
+        ti.name: dtype if ti.name not in copied and ti.dtype.is_floating_point else ti.dtype
+        for ti in layout
+    }
+    names = [snapshot_name(the_plan.t, s).replace("phema-", "phema-ema-", 1) for s in stds]
+    results = []
+    headers = []
+    for j, (std, fit) in enumerate(zip(stds, the_plan.fits, strict=True)):
+        coefs = {os.path.basename(i.path): weights[r][j] for r, i in enumerate(inputs)}
+        meta = {
+            "phema.format": FORMAT_VERSION,
+            "phema.kind": "reconstruction",
+            "phema.std": repr(float(std)),
+            "phema.t": repr(the_plan.t),
+            "phema.t_unit": inputs[latest].t_unit,
+            "phema.coefficients": json.dumps(coefs),
+            "phema.fit": json.dumps(
+                {"rel_error": fit.rel_error, "l1_norm": fit.l1_norm, "condition": fit.condition}
+            ),
+        }
+        specs = [(ti.name, out_dtype[ti.name], ti.shape) for ti in layout]
+        headers.append(encode_header(specs, meta, keep_order=True)[0])
+        results.append(Reconstruction(out_store.path_of(names[j]), fit, coefs))
+    with _OutputFiles(out_store, names, overwrite) as files:
+        for f, head in zip(files, headers, strict=True):
+            f.write(head)
+        _stream(
+            src_store,
+            inputs,
+            weights,
+            layout,
+            latest,
+            out_dtype,
+            files,
+            window_bytes,
+            max_inflight,
+            progress,
+        )
+    return results
+
+
+def _stream(
+    store: SnapshotStore,
+    inputs: list[SnapshotInfo],
+    weights: list[list[float]],
+    layout: Sequence[TensorInfo],
+    latest: int,
+    out_dtype: dict[str, torch.dtype],
+    files: list[IO[bytes]],
+    window_bytes: int,
+    max_inflight: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    copied = set(inputs[latest].copied)
+    with ThreadPoolExecutor(max_workers=max(1, max_inflight)) as pool:
+
+        def submit(pieces: list[tuple[TensorInfo, int, int]]) -> list[Future[bytes]]:
+            ti0, a, _ = pieces[0]
+            tin, _, b = pieces[-1]
+            lo = ti0.begin + a * ti0.dtype.itemsize
+            hi = tin.begin + b * tin.dtype.itemsize
+            return [
+                pool.submit(
+                    store.read_range, i.path, i.header.data_start + lo, i.header.data_start + hi
+                )
+                for i in inputs
+            ]
+
+        windows = _windows(layout, window_bytes)
+        current = next(windows, None)
+        pending = submit(current) if current else []
+        while current is not None:
+            nxt = next(windows, None)
+            upcoming = submit(nxt) if nxt else []  # prefetch the next window
+            accs = [
+                {(ti.name, a): torch.zeros(b - a, dtype=torch.float32) for ti, a, b in current}
+                for _ in files
+            ]
+            raws: dict[tuple[str, int], bytearray] = {}
+            for r, fut in enumerate(pending):
+                data = bytearray(fut.result())
+                if progress:
+                    progress(len(data))
+                off = 0
+                for ti, a, b in current:
+                    n = (b - a) * ti.dtype.itemsize
+                    chunk = data[off : off + n]
+                    off += n
+                    if ti.name in copied or not ti.dtype.is_floating_point:
+                        if r == latest:
+                            raws[(ti.name, a)] = chunk
+                        continue
+                    x = torch.frombuffer(chunk, dtype=ti.dtype).float() if n else None
+                    for j, acc in enumerate(accs):
+                        if x is not None and weights[r][j] != 0.0:
+                            acc[(ti.name, a)].add_(x, alpha=weights[r][j])
+            for j, f in enumerate(files):
+                for ti, a, _ in current:
+                    key = (ti.name, a)
+                    if key in raws:
+                        f.write(bytes(raws[key]))
+                    else:
+                        f.write(accs[j][key].to(out_dtype[ti.name]).numpy().tobytes())
+            current, pending = nxt, upcoming
+
+
+class _OutputFiles:
+    """K output files that appear together at the end, or not at all."""
+
+    def __init__(self, store: SnapshotStore, names: list[str], overwrite: bool) -> None:
+        self.store, self.names, self.overwrite = store, names, overwrite
+        self.stack = ExitStack()
+        self.tmp: list[str] = []
+
+    def __enter__(self) -> list[IO[bytes]]:
+        for name in self.names:
+            if not self.overwrite and self.store.fs.exists(self.store.path_of(name)):
+                raise StorageError(
+                    f"{self.store.url}/{name} exists; pass overwrite=True (--overwrite) to replace it"
+                )
+        if self.store.is_local:
+            os.makedirs(self.store.root, exist_ok=True)
+            self.tmp = [self.store.path_of(f".{n}.tmp-{uuid.uuid4().hex}") for n in self.names]
+            return [self.stack.enter_context(open(p, "wb")) for p in self.tmp]
+        self.stack.enter_context(self.store.fs.transaction)
+        return [
+            self.stack.enter_context(self.store.fs.open(self.store.path_of(n), "wb"))
+            for n in self.names
+        ]
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self.store.is_local:
+            self.stack.__exit__(exc_type, exc, tb)  # type: ignore[arg-type]
+            return
+        self.stack.close()
+        if exc_type is None:
+            for tmp, name in zip(self.tmp, self.names, strict=True):
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.store.path_of(name))
+        for tmp in self.tmp:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
