@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
 import phema
-from phema_cli import demo
+from phema_cli import demo, store_cmds
 
 app = typer.Typer(
     name="phema",
@@ -37,12 +39,33 @@ def root(
 
 
 app.command(name="demo")(demo.demo)
+app.command(name="ls")(store_cmds.ls)
+app.command(name="plan")(store_cmds.plan_cmd)
+app.command(name="reconstruct")(store_cmds.reconstruct_cmd)
+
+
+def _warn_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
 def main() -> None:
-    """Console-script entry: run the app, turning phema errors into one line and exit 1."""
+    """Console-script entry: phema and I/O errors become one line on stderr and exit 1.
+
+    Set ``PHEMA_DEBUG=1`` to get the traceback instead.
+    """
+    warnings.showwarning = _warn_line
     try:
         app()
-    except phema.PhemaError as exc:
+    except (phema.PhemaError, OSError) as exc:
+        if os.environ.get("PHEMA_DEBUG"):
+            raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print("(set PHEMA_DEBUG=1 for the traceback)", style="dim", highlight=False)
         raise SystemExit(1) from None

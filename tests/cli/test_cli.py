@@ -48,3 +48,69 @@ def test_demo_reconstructs_close_to_tracked():
         else:
             assert 0 < r["param_rel_diff"] <= r["rel_bound"] + 1e-5
         assert r["val_loss_posthoc"] == pytest.approx(r["val_loss_tracked"], rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    import torch
+    from torch import nn
+
+    root = tmp_path_factory.mktemp("cli") / "run"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2))
+    ema = phema.PowerFunctionEMA(net)
+    with phema.SnapshotWriter(str(root), t_unit="images") as writer:
+        for step in range(1, 41):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.01)
+            ema.update(step * 8)
+            if step % 4 == 0:
+                writer.save(ema, step=step)
+    return root
+
+
+def test_ls_and_plan(store_dir):
+    out = _phema("ls", str(store_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 20
+    assert {r["std"] for r in rows} == {0.05, 0.1}
+    assert rows[-1]["t"] == 320.0
+    out = _phema("plan", str(store_dir), "--std", "0.075,0.13", "--json")
+    assert out.returncode == 0, out.stderr
+    plans = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [p["std"] for p in plans] == [0.075, 0.13]
+    assert all(abs(sum(p["coefficients"].values()) - 1) < 1e-9 for p in plans)
+    out = _phema("ls", str(store_dir))
+    assert "20 snapshots" in out.stdout
+
+
+def test_reconstruct_writes_loadable_outputs(store_dir, tmp_path):
+    import safetensors.torch
+
+    out = _phema("reconstruct", str(store_dir), "--std", "0.075", "--out", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    tensors = safetensors.torch.load_file(row["path"])
+    assert set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    again = _phema("reconstruct", str(store_dir), "--std", "0.075", "--out", str(tmp_path))
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["ls", "/no/such/dir"], 1, "does not exist"),
+        (["plan", "STORE", "--std", "5"], 1, "percentage"),
+        (["plan", "STORE", "--std", "a,b"], 2, "comma-separated"),
+        (["reconstruct", "STORE", "--std", "0.1"], 2, "--out"),
+    ],
+)
+def test_store_errors_are_one_line(store_dir, args, code, message):
+    out = _phema(*[str(store_dir) if a == "STORE" else a for a in args])
+    assert out.returncode == code
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,165 @@
+"""``phema ls``, ``phema plan`` and ``phema reconstruct``: snapshot stores from the shell."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from phema.reconstruct import plan, reconstruct
+from phema.store import SnapshotStore, check_layouts
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+UrlArg = Annotated[str, typer.Argument(help="Snapshot store: a path, file://, memory://, s3://...")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
+
+
+def parse_stds(text: str) -> list[float]:
+    """``"0.05,0.1"`` -> ``[0.05, 0.1]``; raises ``typer.BadParameter`` (exit 2) otherwise."""
+    try:
+        stds = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    if not stds:
+        raise typer.BadParameter("give at least one std, e.g. --std 0.05,0.1")
+    if len(set(stds)) != len(stds):
+        raise typer.BadParameter(f"stds repeat in {text!r}")
+    return stds
+
+
+StdOpt = Annotated[
+    str, typer.Option("--std", help="Target stds, comma-separated fractions, e.g. 0.05,0.1.")
+]
+AtOpt = Annotated[
+    float | None,
+    typer.Option("--at", help="Target time (a snapshot's time); default: the latest snapshot."),
+]
+
+
+def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
+    """List the snapshots in a store: time, std, step, size and layout."""
+    infos = SnapshotStore(url).list()
+    check_layouts(infos)
+    if as_json:
+        for i in infos:
+            row = {
+                "file": i.url,
+                "t": i.t,
+                "t_unit": i.t_unit,
+                "std": i.std,
+                "gamma": i.gamma,
+                "step": i.step,
+                "bytes": i.size,
+                "layout": i.layout,
+            }
+            typer.echo(json.dumps(row))
+        return
+    table = Table(title=f"{len(infos)} snapshots in {url}")
+    for col in ("t", "unit", "std", "step", "bytes", "layout", "file"):
+        table.add_column(col, justify="left" if col in ("unit", "layout", "file") else "right")
+    for i in infos:
+        name = i.url.rsplit("/", 1)[-1]
+        table.add_row(
+            f"{i.t:g}", i.t_unit, f"{i.std:.4g}", str(i.step or ""), f"{i.size:,}", i.layout, name
+        )
+    out_console.print(table)
+
+
+def plan_cmd(url: UrlArg, std: StdOpt, at: AtOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the coefficients and fit quality of each output before any tensor byte is read."""
+    stds = parse_stds(std)
+    p = plan(SnapshotStore(url), stds, at=at)
+    table = Table(title=f"plan at t={p.t:g}: {len(p.inputs)} snapshots, {p.bytes_to_read:,} bytes")
+    for col in ("std", "rel. L2 error", "L1 norm", "cond", "largest |c|", "issues"):
+        table.add_column(col, justify="left" if col == "issues" else "right")
+    for j, (s, fit) in enumerate(zip(stds, p.fits, strict=True)):
+        coefs = {i.url.rsplit("/", 1)[-1]: w[j] for i, w in zip(p.inputs, p.weights, strict=True)}
+        if as_json:
+            row = {
+                "std": s,
+                "t": p.t,
+                "rel_error": fit.rel_error,
+                "l1_norm": fit.l1_norm,
+                "condition": fit.condition,
+                "issues": list(fit.issues),
+                "coefficients": coefs,
+            }
+            typer.echo(json.dumps(row))
+            continue
+        table.add_row(
+            f"{s:.4g}",
+            f"{fit.rel_error:.3g}",
+            f"{fit.l1_norm:.3g}",
+            f"{fit.condition:.3g}",
+            f"{max(abs(c) for c in coefs.values()):.3g}",
+            "; ".join(fit.issues),
+        )
+    if as_json:
+        return
+    out_console.print(table)
+
+
+def reconstruct_cmd(
+    url: UrlArg,
+    std: StdOpt,
+    out: Annotated[str, typer.Option("--out", help="Where the outputs go (any URL).")],
+    at: AtOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    window_mb: Annotated[float, typer.Option(min=0.01, help="Window per snapshot, MiB.")] = 16.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make new EMA profiles from a store in one pass over its snapshots."""
+    stds = parse_stds(std)
+    src = SnapshotStore(url)
+    with warnings.catch_warnings():  # reconstruct() reports them once
+        warnings.simplefilter("ignore")
+        total = plan(src, stds, at=at).bytes_to_read
+    columns = (
+        TextColumn("reading"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task("read", total=total)
+        results = reconstruct(
+            src,
+            stds,
+            out,
+            at=at,
+            overwrite=overwrite,
+            window_bytes=int(window_mb * (1 << 20)),
+            progress=lambda n: bar.advance(task, n),
+        )
+    for s, res in zip(stds, results, strict=True):
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "std": s,
+                        "path": res.path,
+                        "rel_error": res.fit.rel_error,
+                        "l1_norm": res.fit.l1_norm,
+                    }
+                )
+            )
+        else:
+            out_console.print(
+                f"std {s:.4g} -> {res.path} (rel. L2 error {res.fit.rel_error:.3g})",
+                highlight=False,
+            )
