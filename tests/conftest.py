@@ -1,7 +1,10 @@
-"""Shared test configuration: reproducible property tests on CI, a thorough profile by hand."""
+"""Shared test configuration: hypothesis profiles and a local S3 server for the store tests."""
 
+import logging
 import os
+import uuid
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("default", max_examples=50, deadline=None)
@@ -10,3 +13,66 @@ settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True
 # `pytest --hypothesis-profile=thorough` before a release.
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (ephemeral port), with fake credentials only."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.moto_server.threaded_moto_server")
+    env = {
+        "AWS_ACCESS_KEY_ID": "phema-test",
+        "AWS_SECRET_ACCESS_KEY": "phema-test",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "BOTO_CONFIG": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_CONFIG_FILE": "/dev/null",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_PROFILE", None)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    import fsspec
+
+    fsspec.config.conf["s3"] = {"endpoint_url": f"http://{host}:{port}"}
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        fsspec.config.conf.pop("s3", None)
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket URL on the local S3 server."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    name = f"phema-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def store_root(request, tmp_path):
+    """A base URL under which a test may create stores: one run per backend."""
+    if request.param == "file":
+        yield str(tmp_path)
+    elif request.param == "memory":
+        import fsspec
+
+        base = f"memory://phema-{uuid.uuid4().hex}"
+        yield base
+        fs = fsspec.filesystem("memory")
+        if fs.exists(base):
+            fs.rm(base, recursive=True)
+    else:
+        yield request.getfixturevalue("s3_bucket")

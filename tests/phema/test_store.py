@@ -5,9 +5,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
-import fsspec
 import pytest
 import safetensors.torch
 import torch
@@ -23,16 +21,9 @@ from phema import (
 from phema.store import check_layouts
 
 
-@pytest.fixture(params=["file", "memory"])
-def store_url(request, tmp_path):
-    if request.param == "file":
-        yield str(tmp_path / "run")
-        return
-    url = f"memory://phema-test-{uuid.uuid4().hex}"
-    yield url
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
+@pytest.fixture
+def store_url(store_root):
+    return f"{store_root}/run"
 
 
 def _trained_ema(steps=5):
