@@ -55,6 +55,13 @@ def _warn_line(
     err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
+# Errors of optional backends, matched by name so that their packages stay optional.
+_CREDENTIAL_HINTS = {
+    "NoCredentialsError": "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile",
+    "PartialCredentialsError": "; set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+}
+
+
 def main() -> None:
     """Console-script entry: phema and I/O errors become one line on stderr and exit 1.
 
@@ -63,9 +70,11 @@ def main() -> None:
     warnings.showwarning = _warn_line
     try:
         app()
-    except (phema.PhemaError, OSError) as exc:
-        if os.environ.get("PHEMA_DEBUG"):
+    except Exception as exc:
+        known = isinstance(exc, phema.PhemaError | OSError)
+        hint = _CREDENTIAL_HINTS.get(type(exc).__name__)
+        if os.environ.get("PHEMA_DEBUG") or not (known or hint):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}{hint or ''}", highlight=False)
         err_console.print("(set PHEMA_DEBUG=1 for the traceback)", style="dim", highlight=False)
         raise SystemExit(1) from None

@@ -1,6 +1,7 @@
 """The ``phema`` command run as a user runs it: in a subprocess."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -113,4 +114,29 @@ def test_store_errors_are_one_line(store_dir, args, code, message):
     out = _phema(*[str(store_dir) if a == "STORE" else a for a in args])
     assert out.returncode == code
     assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_s3_credentials_are_one_line(monkeypatch):
+    pytest.importorskip("s3fs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_CONFIG_FILE="/dev/null",
+        BOTO_CONFIG="/dev/null",
+        FSSPEC_S3_ENDPOINT_URL="http://127.0.0.1:9",  # never leaves this machine
+    )
+    exe = shutil.which("phema")
+    cmd = [exe] if exe else [sys.executable, "-m", "phema_cli"]
+    out = subprocess.run(
+        [*cmd, "ls", "s3://some-bucket/run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "AWS_ACCESS_KEY_ID" in out.stderr
     assert "Traceback" not in out.stderr
