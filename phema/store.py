@@ -166,6 +166,7 @@ class SnapshotStore:
 
     def list(self) -> list[SnapshotInfo]:
         """Every snapshot in the store, sorted by (t, std); raises on a foreign or bad file."""
+        self.fs.invalidate_cache(self.root)  # see files other processes wrote since
         try:
             if not self.fs.isdir(self.root):
                 raise StorageError(f"{self.url} does not exist or is not a folder of snapshots")
