@@ -37,7 +37,7 @@ from phema.solver import Fit, fit_profiles
 from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
 from phema.targets import PowerProfile
 
-__all__ = ["Reconstruction", "plan", "reconstruct"]
+__all__ = ["Plan", "Reconstruction", "plan", "reconstruct", "write_plan"]
 
 #: Default window: 16 MiB of stored bytes per snapshot per read.
 WINDOW_BYTES = 16 << 20
@@ -60,6 +60,7 @@ class Plan:
     weights: list[list[float]]  # [input][output], only inputs with a non-zero weight
     fits: tuple[Fit, ...]
     t: float
+    stds: tuple[float, ...]
 
     @property
     def bytes_to_read(self) -> int:
@@ -90,6 +91,7 @@ def plan(
         [[float(w) for w in solution.weights[r]] for r in used],
         solution.fits,
         t,
+        tuple(float(x) for x in stds),
     )
 
 
@@ -147,8 +149,33 @@ def reconstruct(
         One :class:`Reconstruction` per std, in order.
     """
     src_store = src if isinstance(src, SnapshotStore) else SnapshotStore(src)
-    out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
     the_plan = plan(src_store, stds, at=at, constraint=constraint)
+    return write_plan(
+        the_plan,
+        src_store,
+        out,
+        dtype=dtype,
+        window_bytes=window_bytes,
+        max_inflight=max_inflight,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def write_plan(
+    the_plan: Plan,
+    src: SnapshotStore,
+    out: SnapshotStore | str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    window_bytes: int = WINDOW_BYTES,
+    max_inflight: int = 8,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[Reconstruction]:
+    """Carry out a :func:`plan` made on ``src``: the streaming pass of :func:`reconstruct`."""
+    out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
+    stds = the_plan.stds
     inputs, weights = the_plan.inputs, the_plan.weights
     layout = inputs[0].header.tensors
     latest = max(range(len(inputs)), key=lambda r: inputs[r].t)
@@ -180,11 +207,12 @@ def reconstruct(
         for f, head in zip(files, headers, strict=True):
             f.write(head)
         _stream(
-            src_store,
+            src,
             inputs,
             weights,
             layout,
             latest,
+            copied,
             out_dtype,
             files,
             window_bytes,
@@ -200,13 +228,13 @@ def _stream(
     weights: list[list[float]],
     layout: Sequence[TensorInfo],
     latest: int,
+    copied: set[str],
     out_dtype: dict[str, torch.dtype],
     files: list[IO[bytes]],
     window_bytes: int,
     max_inflight: int,
     progress: Callable[[int], None] | None,
 ) -> None:
-    copied = set(inputs[latest].copied)
     with ThreadPoolExecutor(max_workers=max(1, max_inflight)) as pool:
 
         def submit(pieces: list[tuple[TensorInfo, int, int]]) -> list[Future[bytes]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Annotated
 
 import typer
@@ -18,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from phema.reconstruct import plan, reconstruct
+from phema.reconstruct import plan, write_plan
 from phema.store import SnapshotStore, check_layouts
 
 out_console = Console()
@@ -125,9 +124,7 @@ def reconstruct_cmd(
     """Make new EMA profiles from a store in one pass over its snapshots."""
     stds = parse_stds(std)
     src = SnapshotStore(url)
-    with warnings.catch_warnings():  # reconstruct() reports them once
-        warnings.simplefilter("ignore")
-        total = plan(src, stds, at=at).bytes_to_read
+    the_plan = plan(src, stds, at=at)
     columns = (
         TextColumn("reading"),
         BarColumn(),
@@ -136,12 +133,11 @@ def reconstruct_cmd(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task("read", total=total)
-        results = reconstruct(
+        task = bar.add_task("read", total=the_plan.bytes_to_read)
+        results = write_plan(
+            the_plan,
             src,
-            stds,
             out,
-            at=at,
             overwrite=overwrite,
             window_bytes=int(window_mb * (1 << 20)),
             progress=lambda n: bar.advance(task, n),
