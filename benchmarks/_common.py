@@ -25,8 +25,7 @@ __all__ = [
     "device_name",
     "emit",
     "sig",
-    "summarize_ms",
-    "summarize_us",
+    "summarize",
     "synchronize",
     "time_call",
 ]
@@ -54,25 +53,15 @@ def sig(x: float, digits: int = 5) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def summarize_ms(seconds: Iterable[float]) -> dict[str, float]:
-    """Median, min and max of durations given in seconds, as milliseconds."""
-    ms = [s * 1e3 for s in seconds]
+def summarize(seconds: Iterable[float], unit: str = "ms") -> dict[str, float]:
+    """Median, min and max of durations given in seconds, in ``unit`` ("ms" or "us")."""
+    scale = {"ms": 1e3, "us": 1e6}[unit]
+    values = [s * scale for s in seconds]
     return {
-        "ms_median": sig(statistics.median(ms)),
-        "ms_min": sig(min(ms)),
-        "ms_max": sig(max(ms)),
-        "samples": len(ms),
-    }
-
-
-def summarize_us(seconds: Iterable[float]) -> dict[str, float]:
-    """Median, min and max of durations given in seconds, as microseconds."""
-    us = [s * 1e6 for s in seconds]
-    return {
-        "us_median": sig(statistics.median(us)),
-        "us_min": sig(min(us)),
-        "us_max": sig(max(us)),
-        "samples": len(us),
+        f"{unit}_median": sig(statistics.median(values)),
+        f"{unit}_min": sig(min(values)),
+        f"{unit}_max": sig(max(values)),
+        "samples": len(values),
     }
 
 

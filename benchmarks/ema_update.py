@@ -58,7 +58,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from _common import device_name, emit, sig, summarize_ms, summarize_us, time_call
+from _common import device_name, emit, sig, summarize, time_call
 from torch import Tensor, nn
 
 import phema
@@ -443,16 +443,14 @@ def throughput_section(
 
     by_name = {c.name: c for c in cases}
     copy_bound = by_name["copy_bound"]
-    copy_stats = summarize_ms(copy_bound.samples)
+    copy_stats = summarize(copy_bound.samples)
     copy_bytes = copy_bound.bytes_per_param * params
     copy_bytes_per_ms = copy_bytes / copy_stats["ms_median"]
     stream = by_name["stream_bound"]
-    stream_bytes_per_ms = (
-        stream.bytes_per_param * params / summarize_ms(stream.samples)["ms_median"]
-    )
+    stream_bytes_per_ms = stream.bytes_per_param * params / summarize(stream.samples)["ms_median"]
     medians: dict[str, float] = {}
     for case in cases:
-        stats = summarize_ms(case.samples)
+        stats = summarize(case.samples)
         medians[case.name] = stats["ms_median"]
         nbytes = case.bytes_per_param * params
         emit(
@@ -512,7 +510,7 @@ def overhead_section(
     run_interleaved(cases, rounds, repeats, device)
     phema_us = 0.0
     for case in cases:
-        stats = summarize_us(case.samples)
+        stats = summarize(case.samples, "us")
         if case.name == "phema":
             phema_us = stats["us_median"]
         emit(
