@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -294,13 +295,19 @@ class _OutputFiles:
         self.store, self.names, self.overwrite = store, names, overwrite
         self.stack = ExitStack()
         self.tmp: list[str] = []
+        self.files: list[IO[bytes]] = []
 
     def __enter__(self) -> list[IO[bytes]]:
         for name in self.names:
-            if not self.overwrite and self.store.fs.exists(self.store.path_of(name)):
+            if not self.overwrite and self.store.exists(name):
                 raise StorageError(
                     f"{self.store.url}/{name} exists; pass overwrite=True (--overwrite) to replace it"
                 )
+        if self.store.hub is not None:  # spooled locally, then one commit for all outputs
+            spool = self.stack.enter_context(tempfile.TemporaryDirectory(prefix="phema-out-"))
+            self.tmp = [os.path.join(spool, n) for n in self.names]
+            self.files = [self.stack.enter_context(open(p, "wb")) for p in self.tmp]  # noqa: SIM115
+            return self.files
         if self.store.is_local:
             os.makedirs(self.store.root, exist_ok=True)
             self.tmp = [self.store.path_of(f".{n}.tmp-{uuid.uuid4().hex}") for n in self.names]
@@ -312,6 +319,22 @@ class _OutputFiles:
         ]
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        hub = self.store.hub
+        if hub is not None:
+            try:
+                for f in self.files:
+                    f.close()
+                if exc_type is None:
+                    hub.commit()  # publish earlier files first, so outputs share one commit
+                    for tmp, name in zip(self.tmp, self.names, strict=True):
+                        hub.add(name, tmp, defer=True)
+                    hub.commit(f"phema: reconstruct {', '.join(self.names)}")
+            except BaseException:
+                hub.discard()
+                raise
+            finally:
+                self.stack.close()
+            return
         if not self.store.is_local:
             self.stack.__exit__(exc_type, exc, tb)  # type: ignore[arg-type]
             return

@@ -18,7 +18,12 @@ File names are for people; listing reads every file's header (two exact ranged
 reads) and trusts only the metadata. A file is either complete or absent: local
 files are written to a hidden temporary name in the same folder, synced and
 renamed; other filesystems write inside an fsspec transaction (an S3 multipart
-upload is aborted on error); ``memory://`` stores the bytes in one step.
+upload is aborted on error); ``memory://`` stores the bytes in one step; the
+Hugging Face Hub (``hf://user/repo/folder``) gets files in batched commits
+(:class:`~phema.hub.HubBatch`): a file is listed once its commit lands, which
+happens every ``hub_batch_files`` files, on the next write after
+``hub_batch_seconds``, and at :meth:`SnapshotStore.flush` (called by
+:meth:`phema.SnapshotWriter.close`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from torch import Tensor
 from phema.errors import FormatError, StorageError
 from phema.format import FORMAT_VERSION, Header, layout_hash, parse_header, parse_header_length
 from phema.format import serialize as serialize_file
+from phema.hub import HubBatch
 
 __all__ = ["SnapshotInfo", "SnapshotStore", "check_layouts", "snapshot_metadata", "snapshot_name"]
 
@@ -96,29 +102,76 @@ class SnapshotStore:
 
     Args:
         url: Where the snapshots live.
+        hub_batch_files: Hub only: commit once this many files are pending.
+        hub_batch_seconds: Hub only: commit on the next write once the oldest
+            pending file is this many seconds old.
         **storage_options: Passed to :func:`fsspec.url_to_fs` (credentials, endpoint).
     """
 
-    def __init__(self, url: str, **storage_options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        hub_batch_files: int = 32,
+        hub_batch_seconds: float = 300.0,
+        **storage_options: Any,
+    ) -> None:
         self.url = url
         try:
             self.fs, self.root = fsspec.url_to_fs(url, **storage_options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open {url!r}: {exc}") from exc
         self.is_local = "file" in _protocols(self.fs)
+        self.hub: HubBatch | None = None
+        if "hf" in _protocols(self.fs):
+            self.hub = HubBatch(
+                self.fs,
+                self.root,
+                url,
+                max_files=hub_batch_files,
+                max_seconds=hub_batch_seconds,
+            )
 
     def path_of(self, name: str) -> str:
         """Path of file ``name`` inside the store, for the store's filesystem."""
         return f"{self.root.rstrip('/')}/{name}"
 
-    def write(self, name: str, data: bytes, *, overwrite: bool = False) -> str:
-        """Write ``data`` as file ``name`` atomically; refuses to replace unless asked."""
+    def exists(self, name: str) -> bool:
+        """Whether file ``name`` is in the store (or waiting for its Hub commit)."""
+        if self.hub is not None:
+            if name in self.hub.pending:
+                return True
+            try:
+                self.fs.invalidate_cache(self.root)
+                return bool(self.fs.exists(self.path_of(name)))
+            except FileNotFoundError:
+                return False  # the repository does not exist yet
+        return bool(self.fs.exists(self.path_of(name)))
+
+    def write(self, name: str, data: bytes | str, *, overwrite: bool = False) -> str:
+        """Write ``data`` as file ``name`` atomically; refuses to replace unless asked.
+
+        ``data`` is the file's bytes, or the path of a finished local file that the
+        store takes over (moved, not copied, where it can be).
+        """
         path = self.path_of(name)
-        if not overwrite and self.fs.exists(path):
+        if not overwrite and self.exists(name):
             raise StorageError(
                 f"{self.url}/{name} exists; snapshots are never overwritten (delete it first)"
             )
-        if self.is_local:
+        if isinstance(data, str):
+            if self.hub is not None:
+                self.hub.add(name, data)
+            elif self.is_local:
+                os.makedirs(self.root, exist_ok=True)
+                os.replace(data, path)
+            else:
+                with self.fs.transaction:
+                    self.fs.put_file(data, path)
+                os.unlink(data)
+        elif self.hub is not None:
+            self.hub.add(name, data)
+        elif self.is_local:
             os.makedirs(self.root, exist_ok=True)
             tmp = self.path_of(f".{name}.tmp-{uuid.uuid4().hex}")
             try:
@@ -136,6 +189,11 @@ class SnapshotStore:
             with self.fs.transaction, self.fs.open(path, "wb") as f:
                 f.write(data)
         return path
+
+    def flush(self) -> None:
+        """Publish files still waiting for a Hub commit; a no-op on other stores."""
+        if self.hub is not None:
+            self.hub.commit()
 
     def save(
         self,
@@ -156,7 +214,9 @@ class SnapshotStore:
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``path``, by one exact ranged read."""
-        data: bytes = self.fs.cat_file(path, start=start, end=end)
+        # The Hub's file objects read ahead 5 MiB unless told not to cache.
+        opts = {"cache_type": "none"} if self.hub is not None else {}
+        data: bytes = self.fs.cat_file(path, start=start, end=end, **opts)
         if len(data) != end - start:
             raise FormatError(
                 f"{self.url}/{os.path.basename(path)}: wanted bytes [{start}, {end}), got "

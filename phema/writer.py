@@ -91,6 +91,11 @@ class SnapshotWriter:
         while True:
             jobs = self._queue.get()
             if jobs is None:
+                if self._error is None:
+                    try:
+                        self.store.flush()  # publish what a Hub store still holds back
+                    except BaseException as exc:
+                        self._error = exc
                 return
             if self._error is not None:
                 continue  # drop work after a failure; it is reported by save/close

@@ -1,8 +1,15 @@
-"""Shared test configuration: hypothesis profiles and a local S3 server for the store tests."""
+"""Shared test configuration: hypothesis profiles, a local S3 server and a local fake Hub."""
 
 import logging
 import os
+import sys
 import uuid
+
+# huggingface_hub reads these at import: no Xet transfers, telemetry or update checks in tests.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")
 
 import pytest
 from hypothesis import settings
@@ -61,7 +68,30 @@ def s3_bucket(s3_endpoint):
     return f"s3://{name}"
 
 
-@pytest.fixture(params=["file", "memory", "s3"])
+@pytest.fixture(scope="session")
+def fake_hub():
+    """The fake Hub of tests/fakehub.py on 127.0.0.1; ``hf://`` URLs reach it with a fake token."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fakehub
+    import fsspec
+
+    hub, server = fakehub.start()
+    fsspec.config.conf["hf"] = {"endpoint": hub.endpoint, "token": "hf_phema_fake"}
+    try:
+        yield hub
+    finally:
+        fsspec.config.conf.pop("hf", None)
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hub_repo(fake_hub):
+    """A URL for a fresh (not yet created) repository on the fake Hub."""
+    return f"hf://phema-test/run-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["file", "memory", "s3", "hf"])
 def store_root(request, tmp_path):
     """A base URL under which a test may create stores: one run per backend."""
     if request.param == "file":
@@ -74,5 +104,7 @@ def store_root(request, tmp_path):
         fs = fsspec.filesystem("memory")
         if fs.exists(base):
             fs.rm(base, recursive=True)
-    else:
+    elif request.param == "s3":
         yield request.getfixturevalue("s3_bucket")
+    else:
+        yield request.getfixturevalue("hub_repo")
