@@ -30,13 +30,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import IO, Literal
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from phema.errors import StorageError
 from phema.format import FORMAT_VERSION, TensorInfo, encode_header
 from phema.solver import Fit, fit_profiles
 from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
-from phema.targets import PowerProfile
+from phema.targets import PowerProfile, power_density
 
 __all__ = ["Plan", "Reconstruction", "plan", "reconstruct", "write_plan"]
 
@@ -46,9 +48,14 @@ WINDOW_BYTES = 16 << 20
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """One output: where it went, its target, and the fit's quality."""
+    """One output: where it went, its target, and the fit's quality.
+
+    ``path`` is the file's path for the store's filesystem (``store.fs``); ``url``
+    is the same file as a full URL (``s3://bucket/run/phema-ema-...``).
+    """
 
     path: str
+    url: str
     fit: Fit
     coefficients: dict[str, float]
 
@@ -67,6 +74,19 @@ class Plan:
     def bytes_to_read(self) -> int:
         """Data bytes the pass will read (headers are read while listing)."""
         return sum(i.header.data_bytes for i in self.inputs)
+
+    def curves(self, tau: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        r"""Target and achieved profiles on the times ``tau``, each ``[num_outputs, len(tau)]``.
+
+        The target of output ``j`` is the power profile :math:`q_j` (std ``stds[j]``, age
+        ``t``); what the reconstruction achieves is :math:`\sum_i c_{ij}\, p_i(\tau)`,
+        the snapshots' profiles weighted by the plan's coefficients.
+        """
+        tau = np.asarray(tau, dtype=np.float64)
+        target = np.stack([PowerProfile(self.t, s).density(tau) for s in self.stds])
+        basis = np.stack([power_density(tau, i.t, i.gamma) for i in self.inputs])
+        achieved = np.asarray(self.weights, dtype=np.float64).T @ basis
+        return target, achieved
 
 
 def plan(
@@ -203,7 +223,11 @@ def write_plan(
         }
         specs = [(ti.name, out_dtype[ti.name], ti.shape) for ti in layout]
         headers.append(encode_header(specs, meta, keep_order=True)[0])
-        results.append(Reconstruction(out_store.path_of(names[j]), fit, coefs))
+        results.append(
+            Reconstruction(
+                out_store.path_of(names[j]), f"{out_store.url.rstrip('/')}/{names[j]}", fit, coefs
+            )
+        )
     with _OutputFiles(out_store, names, overwrite) as files:
         for f, head in zip(files, headers, strict=True):
             f.write(head)

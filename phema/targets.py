@@ -32,7 +32,7 @@ from scipy import integrate
 from phema.errors import ProfileError
 from phema.profiles import gamma_to_sigma_rel, power_inner, sigma_rel_to_gamma
 
-__all__ = ["ExponentialProfile", "PowerProfile", "Profile"]
+__all__ = ["ExponentialProfile", "PowerProfile", "Profile", "power_density"]
 
 
 def _check_time(t: float) -> float:
@@ -65,6 +65,10 @@ class PowerProfile:
         r""":math:`\|p\|^2 = (\gamma+1)^2 / ((2\gamma+1)\,t)`."""
         g = self.gamma
         return (g + 1.0) ** 2 / ((2.0 * g + 1.0) * self.t)
+
+    def density(self, tau: NDArray[np.float64]) -> NDArray[np.float64]:
+        r""":math:`p(\tau) = (\gamma+1)\,\tau^\gamma / t^{\gamma+1}` on :math:`[0, t]`, 0 after."""
+        return power_density(np.asarray(tau, dtype=np.float64), self.t, self.gamma)
 
     def inner(self, t: NDArray[np.float64], gamma: NDArray[np.float64]) -> NDArray[np.float64]:
         """Inner products with power-function profiles ``(t[i], gamma[i])``."""
@@ -112,6 +116,15 @@ class ExponentialProfile:
         # log(1 - exp(-rate * t)), stable for small and large arguments.
         return math.log(-math.expm1(-self.rate * self.t))
 
+    def density(self, tau: NDArray[np.float64]) -> NDArray[np.float64]:
+        r""":math:`q(\tau) = \lambda e^{-\lambda (t-\tau)} / (1 - e^{-\lambda t})` on :math:`[0, t]`."""
+        tau = np.asarray(tau, dtype=np.float64)
+        inside = (tau >= 0.0) & (tau <= self.t)
+        log_q = (
+            math.log(self.rate) - self.rate * (self.t - np.clip(tau, 0.0, self.t)) - self._log_z()
+        )
+        return np.where(inside, np.exp(log_q), 0.0)
+
     def norm2(self) -> float:
         r""":math:`\|q\|^2 = \lambda (1 - e^{-2\lambda t}) / (2 (1 - e^{-\lambda t})^2)`."""
         lam, t = self.rate, self.t
@@ -151,6 +164,17 @@ class ExponentialProfile:
     def describe(self) -> str:
         """Short human-readable name, e.g. ``exp. EMA half-life 100 at t=4096``."""
         return f"exp. EMA half-life {self.half_life:.4g} at t={self.t:g}"
+
+
+def power_density(tau: NDArray[np.float64], t: float, gamma: float) -> NDArray[np.float64]:
+    r"""Power profile of age ``t`` at times ``tau``: the weight per unit time the EMA gives ``tau``.
+
+    :math:`p(\tau) = (\gamma+1)\,\tau^\gamma / t^{\gamma+1}` for :math:`0 \le \tau \le t`, else 0.
+    """
+    tau = np.asarray(tau, dtype=np.float64)
+    u = np.clip(tau / t, 0.0, 1.0)
+    inside = (tau >= 0.0) & (tau <= t)
+    return np.where(inside, (gamma + 1.0) / t * u**gamma, 0.0)
 
 
 def _decay_integral(a: float, gamma: float) -> float:

@@ -19,11 +19,15 @@ from rich.table import Table
 
 from phema.reconstruct import plan, write_plan
 from phema.store import SnapshotStore, check_layouts
+from phema_cli.plot import save_plan_plot
 
 out_console = Console()
 err_console = Console(stderr=True)
 
-UrlArg = Annotated[str, typer.Argument(help="Snapshot store: a path, file://, memory://, s3://...")]
+UrlArg = Annotated[
+    str,
+    typer.Argument(help="Snapshot store: a path, file://, memory://, s3://, hf://user/repo/folder"),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
 
 
@@ -78,10 +82,23 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
     out_console.print(table)
 
 
-def plan_cmd(url: UrlArg, std: StdOpt, at: AtOpt = None, as_json: JsonOpt = False) -> None:
+def plan_cmd(
+    url: UrlArg,
+    std: StdOpt,
+    at: AtOpt = None,
+    as_json: JsonOpt = False,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", help="Also draw target vs achieved profiles into this PNG."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot file.")] = False,
+) -> None:
     """Show the coefficients and fit quality of each output before any tensor byte is read."""
     stds = parse_stds(std)
     p = plan(SnapshotStore(url), stds, at=at)
+    if plot is not None:
+        save_plan_plot(p, plot, overwrite=overwrite)
+        err_console.print(f"plot written to {plot}", highlight=False)
     table = Table(title=f"plan at t={p.t:g}: {len(p.inputs)} snapshots, {p.bytes_to_read:,} bytes")
     for col in ("std", "rel. L2 error", "L1 norm", "cond", "largest |c|", "issues"):
         table.add_column(col, justify="left" if col == "issues" else "right")
@@ -148,7 +165,7 @@ def reconstruct_cmd(
                 json.dumps(
                     {
                         "std": s,
-                        "path": res.path,
+                        "url": res.url,
                         "rel_error": res.fit.rel_error,
                         "l1_norm": res.fit.l1_norm,
                     }
@@ -156,6 +173,6 @@ def reconstruct_cmd(
             )
         else:
             out_console.print(
-                f"std {s:.4g} -> {res.path} (rel. L2 error {res.fit.rel_error:.3g})",
+                f"std {s:.4g} -> {res.url} (rel. L2 error {res.fit.rel_error:.3g})",
                 highlight=False,
             )

@@ -93,7 +93,7 @@ def test_reconstruct_writes_loadable_outputs(store_dir, tmp_path):
     out = _phema("reconstruct", str(store_dir), "--std", "0.075", "--out", str(tmp_path), "--json")
     assert out.returncode == 0, out.stderr
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
-    tensors = safetensors.torch.load_file(row["path"])
+    tensors = safetensors.torch.load_file(row["url"])
     assert set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     again = _phema("reconstruct", str(store_dir), "--std", "0.075", "--out", str(tmp_path))
     assert again.returncode == 1
@@ -140,3 +140,57 @@ def test_missing_s3_credentials_are_one_line(monkeypatch):
     assert out.returncode == 1
     assert "AWS_ACCESS_KEY_ID" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_plan_plot_is_a_png_and_never_overwritten(store_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plan.png"
+    out = _phema("plan", str(store_dir), "--std", "0.05,0.15", "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000  # curves, axes and legend, not an empty canvas
+    again = _phema("plan", str(store_dir), "--std", "0.05", "--plot", str(png))
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+
+
+def test_hub_round_trip_through_the_cli(fake_hub, hub_repo, tmp_path):
+    import torch
+    from torch import nn
+
+    url = f"{hub_repo}/snapshots"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
+    ema = phema.PowerFunctionEMA(net)
+    with phema.SnapshotWriter(url, t_unit="images") as writer:
+        for step in range(1, 25):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.01)
+            ema.update(step * 8)
+            if step % 4 == 0:
+                writer.save(ema, step=step)
+    env = {**os.environ, "HF_ENDPOINT": fake_hub.endpoint, "HF_TOKEN": "hf_phema_fake"}
+    exe = shutil.which("phema")
+    cmd = [exe] if exe else [sys.executable, "-m", "phema_cli"]
+
+    def run(*args):
+        return subprocess.run(
+            [*cmd, *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+
+    out = run("ls", url, "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 12
+    out = run("reconstruct", url, "--std", "0.07,0.12", "--out", f"{hub_repo}/ema", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["url"].rsplit("/", 2)[-2] for r in rows] == ["ema", "ema"]
+    repo = fake_hub.repos[("model", hub_repo.removeprefix("hf://"))]
+    assert sorted(repo.commits[-1]["files"]) == sorted(
+        "ema/" + r["url"].rsplit("/", 1)[-1] for r in rows
+    )
+    missing = run("ls", "hf://phema-test/no-such-repo/snapshots")
+    assert missing.returncode == 1
+    assert "does not exist" in missing.stderr or "not found" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -140,3 +140,20 @@ def test_never_overwrites_and_fails_atomically(urls):
     fs = SnapshotStore(out2).fs
     root = SnapshotStore(out2).root
     assert not fs.exists(root) or fs.ls(root) == []  # outputs appear together or not at all
+
+
+def test_plan_curves_match_the_reported_fit(tmp_path):
+    import numpy as np
+
+    _write_run(str(tmp_path / "run"))
+    the_plan = plan(SnapshotStore(str(tmp_path / "run")), [0.06, 0.075, 0.2])
+    tau = np.linspace(0.0, the_plan.t, 400_001)
+    target, achieved = the_plan.curves(tau)
+    for j, fit in enumerate(the_plan.fits):
+        # Both curves integrate to 1 (coefficients sum to 1) ...
+        assert np.trapezoid(achieved[j], tau) == pytest.approx(1.0, abs=1e-6)
+        # ... and their L2 distance, by quadrature here and from the Gram matrix in the
+        # solver, agree: the trapezoid rule's error on 4e5 points is far below 1e-4.
+        dist = np.sqrt(np.trapezoid((achieved[j] - target[j]) ** 2, tau))
+        norm = np.sqrt(np.trapezoid(target[j] ** 2, tau))
+        assert dist / norm == pytest.approx(fit.rel_error, rel=1e-4)
