@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 SILU_RMS = 0.596
-"""RMS of ``silu(x)`` for ``x ~ N(0, 1)``, to three digits (sqrt(E[silu(x)^2]) = 0.5964)."""
+"""RMS of ``silu(x)`` for ``x ~ N(0, 1)``, to three digits (sqrt(E[silu(x)^2]) = 0.59647)."""
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -87,7 +87,7 @@ def pixel_norm(x: Tensor) -> Tensor:
 def mp_silu(x: Tensor) -> Tensor:
     """Magnitude-preserving SiLU: ``silu(x) / 0.596``.
 
-    For ``x ~ N(0, 1)``, ``E[silu(x)^2] = 0.5964^2``, so the output has unit expected RMS.
+    For ``x ~ N(0, 1)``, ``E[silu(x)^2] = 0.59647^2``, so the output has unit expected RMS.
     """
     return F.silu(x) / SILU_RMS
 
