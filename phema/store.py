@@ -186,8 +186,13 @@ class SnapshotStore:
         elif "memory" in _protocols(self.fs):
             self.fs.pipe_file(path, data)
         else:
-            with self.fs.transaction, self.fs.open(path, "wb") as f:
-                f.write(data)
+            try:
+                with self.fs.transaction, self.fs.open(path, "wb") as f:
+                    f.write(data)
+            except Exception as exc:  # botocore/aiohttp errors are not OSErrors
+                raise StorageError(
+                    f"writing {self.url}/{name} failed, nothing was published: {exc}"
+                ) from exc
         return path
 
     def flush(self) -> None:
