@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -199,6 +200,23 @@ class SnapshotStore:
         """Publish files still waiting for a Hub commit; a no-op on other stores."""
         if self.hub is not None:
             self.hub.commit()
+
+    def leftovers(self, older_than: float = 0.0) -> list[str]:
+        """Hidden temporary files of writers that were killed mid-write (local stores only).
+
+        Only files last modified more than ``older_than`` seconds ago are returned, so
+        that a writer still at work is not disturbed. They are never listed as snapshots.
+        """
+        if not self.is_local or not os.path.isdir(self.root):
+            return []
+        now = time.time()
+        return sorted(
+            self.path_of(n)
+            for n in os.listdir(self.root)
+            if n.startswith(".phema-")
+            and f"{SUFFIX}.tmp-" in n
+            and now - os.path.getmtime(self.path_of(n)) > older_than
+        )
 
     def save(
         self,

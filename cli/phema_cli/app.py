@@ -42,6 +42,7 @@ app.command(name="demo")(demo.demo)
 app.command(name="ls")(store_cmds.ls)
 app.command(name="plan")(store_cmds.plan_cmd)
 app.command(name="reconstruct")(store_cmds.reconstruct_cmd)
+app.command(name="clean")(store_cmds.clean)
 
 
 def _warn_line(

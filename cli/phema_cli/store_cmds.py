@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -55,7 +56,8 @@ AtOpt = Annotated[
 
 def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
     """List the snapshots in a store: time, std, step, size and layout."""
-    infos = SnapshotStore(url).list()
+    store = SnapshotStore(url)
+    infos = store.list()
     check_layouts(infos)
     if as_json:
         for i in infos:
@@ -80,6 +82,33 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
             f"{i.t:g}", i.t_unit, f"{i.std:.4g}", str(i.step or ""), f"{i.size:,}", i.layout, name
         )
     out_console.print(table)
+    stale = store.leftovers(older_than=3600.0)
+    if stale:
+        err_console.print(
+            f"note: {len(stale)} temporary file(s) of interrupted writes; `phema clean {url}` "
+            "removes them",
+            highlight=False,
+        )
+
+
+def clean(
+    url: UrlArg,
+    older_than: Annotated[
+        float, typer.Option(min=0.0, help="Only files untouched for this many minutes.")
+    ] = 60.0,
+    dry_run: Annotated[bool, typer.Option(help="List what would go; delete nothing.")] = False,
+) -> None:
+    """Delete temporary files that writers killed mid-write left in a local store."""
+    store = SnapshotStore(url)
+    found = store.leftovers(older_than=older_than * 60.0)
+    for path in found:
+        if not dry_run:
+            os.unlink(path)
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    if not found:
+        err_console.print(
+            f"no leftover temporary files older than {older_than:g} min in {url}", highlight=False
+        )
 
 
 def plan_cmd(

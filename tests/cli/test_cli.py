@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -194,3 +195,23 @@ def test_hub_round_trip_through_the_cli(fake_hub, hub_repo, tmp_path):
     assert missing.returncode == 1
     assert "does not exist" in missing.stderr or "not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_clean_removes_only_old_leftovers(store_dir):
+    old = store_dir / ".phema-000000000999-0.0500.safetensors.tmp-abc"
+    young = store_dir / ".phema-000000000998-0.0500.safetensors.tmp-def"
+    old.write_bytes(b"partial")
+    young.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    out = _phema("ls", str(store_dir))
+    assert out.returncode == 0
+    assert "phema clean" in out.stderr
+    dry = _phema("clean", str(store_dir), "--dry-run")
+    assert dry.returncode == 0
+    assert old.exists()
+    assert f"would remove {old}" in dry.stdout
+    out = _phema("clean", str(store_dir))
+    assert out.returncode == 0
+    assert not old.exists()
+    assert young.exists()  # untouched for less than an hour: a writer may still own it
+    young.unlink()

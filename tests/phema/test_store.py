@@ -127,7 +127,10 @@ def test_writer_killed_mid_snapshot_leaves_nothing_visible(tmp_path):
     proc.wait(timeout=30)
     leftovers = os.listdir(tmp_path)
     assert all(name.startswith(".") for name in leftovers)  # only the hidden temp file
-    assert SnapshotStore(str(tmp_path)).list() == []
+    store = SnapshotStore(str(tmp_path))
+    assert store.list() == []
+    assert [os.path.basename(p) for p in store.leftovers()] == leftovers
+    assert store.leftovers(older_than=3600) == []  # young: maybe a writer still at work
 
 
 def test_listing_names_bad_files(tmp_path):
