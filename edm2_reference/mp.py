@@ -66,11 +66,12 @@ def normalize(x: Tensor, dim: int | tuple[int, ...] | None = None, eps: float = 
 
     ``normalize(x) = x / (eps + ||x||_dim / sqrt(n))`` with ``n`` the number of elements reduced
     over (default: every axis but the first, i.e. one slice per row / output channel / sample).
-    The norm is computed in float32 whatever the dtype of ``x``. Dividing by the RMS gives unit
+    The norm is computed in float32 (float64 for float64 inputs) whatever the dtype of ``x``. Dividing by the RMS gives unit
     magnitude exactly (up to ``eps``), for any input.
     """
     dims = tuple(range(1, x.ndim)) if dim is None else dim
-    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=dtype)
     n = x.numel() // max(norm.numel(), 1)
     norm = torch.add(eps, norm, alpha=1.0 / math.sqrt(n))
     return x / norm.to(x.dtype)
