@@ -9,6 +9,7 @@ Module and parameter names, shapes and registration order follow the official ne
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Literal, overload
 
@@ -179,26 +180,15 @@ class UNet(Freezable):
         self.concat_balance = concat_balance
         self.out_gain = nn.Parameter(torch.zeros([]))
 
-        def block(
-            cin: int,
-            cout: int,
-            flavor: Literal["enc", "dec"] = "enc",
-            resample_mode: Literal["keep", "down", "up"] = "keep",
-            attention: bool = False,
-        ) -> Block:
-            return Block(
-                cin,
-                cout,
-                cemb,
-                flavor=flavor,
-                resample_mode=resample_mode,
-                attention=attention,
-                channels_per_head=channels_per_head,
-                dropout=dropout,
-                res_balance=res_balance,
-                attn_balance=attn_balance,
-                clip_act=clip_act,
-            )
+        block = functools.partial(
+            Block,
+            emb_channels=cemb,
+            channels_per_head=channels_per_head,
+            dropout=dropout,
+            res_balance=res_balance,
+            attn_balance=attn_balance,
+            clip_act=clip_act,
+        )
 
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb)
@@ -213,26 +203,28 @@ class UNet(Freezable):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, (3, 3))
             else:
-                self.enc[f"{res}x{res}_down"] = block(cout, cout, "enc", "down")
+                self.enc[f"{res}x{res}_down"] = block(
+                    cout, cout, flavor="enc", resample_mode="down"
+                )
             skips.append(cout)
             for idx in range(num_blocks):
                 cin, cout = cout, channels
                 attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{idx}"] = block(cin, cout, "enc", attention=attn)
+                self.enc[f"{res}x{res}_block{idx}"] = block(cin, cout, flavor="enc", attention=attn)
                 skips.append(cout)
 
         self.dec = nn.ModuleDict()
         for level, channels in reversed(list(enumerate(cblock))):
             res = img_resolution >> level
             if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = block(cout, cout, "dec", attention=True)
-                self.dec[f"{res}x{res}_in1"] = block(cout, cout, "dec")
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, flavor="dec", attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout, flavor="dec")
             else:
-                self.dec[f"{res}x{res}_up"] = block(cout, cout, "dec", "up")
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, flavor="dec", resample_mode="up")
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels
                 attn = res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, "dec", attention=attn)
+                self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, flavor="dec", attention=attn)
         self.out_conv = MPConv(cout, img_channels, (3, 3))
 
     def embedding(self, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
@@ -273,7 +265,7 @@ class Precond(Freezable):
         u(s)    = logvar_linear(logvar_fourier(c_noise))     (MPFourier(128) -> MPConv(128 -> 1))
 
     ``c_in`` scales a noisy image of variance ``sd^2 + s^2`` to unit variance; ``c_skip`` and
-    ``c_out`` make the network's target unit-variance (Karras et al. 2022, Eq. 7). The trunk runs
+    ``c_out`` make the network's target unit-variance (Karras et al. 2022, Table 1). The trunk runs
     in float16 only when ``use_fp16`` is set and the input is on CUDA; everything else is float32.
 
     Evaluation copies: :meth:`frozen_copy` returns an eval-mode, ``requires_grad=False`` copy
@@ -348,8 +340,13 @@ class Precond(Freezable):
         if labels is None:  # a zero label vector, as the official network does
             return torch.zeros(n, self.label_dim, device=device)
         if not labels.is_floating_point() and labels.ndim == 1:  # class indices
-            labels = F.one_hot(labels, self.label_dim)
-        return labels.to(device=device, dtype=torch.float32).reshape(-1, self.label_dim)
+            labels = F.one_hot(labels.long(), self.label_dim)
+        if labels.ndim != 2 or labels.shape[1] != self.label_dim or labels.shape[0] not in (1, n):
+            raise ValueError(
+                f"class_labels must be [{n}, {self.label_dim}] or [{n}] indices, "
+                f"got {tuple(labels.shape)}"
+            )
+        return labels.to(device=device, dtype=torch.float32).expand(n, -1)
 
     @overload
     def forward(

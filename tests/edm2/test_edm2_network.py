@@ -304,6 +304,7 @@ def test_precond_labels_indices_none_and_unconditional():
         x = torch.randn(2, 3, 16, 16)
         idx = torch.tensor([3, 9])
         assert torch.equal(net(x, 1.0, idx), net(x, 1.0, torch.eye(10)[idx]))
+        assert torch.equal(net(x, 1.0, idx.int()), net(x, 1.0, idx))
         assert torch.equal(net(x, 1.0, None), net(x, 1.0, torch.zeros(2, 10)))
         assert not torch.allclose(net(x, 1.0, idx), net(x, 1.0, None))
         uncond = small_precond(label_dim=0).eval()
@@ -312,10 +313,15 @@ def test_precond_labels_indices_none_and_unconditional():
         assert torch.equal(uncond(x, 1.0, idx), uncond(x, 1.0))  # labels ignored
 
 
-def test_precond_rejects_a_sigma_per_image_mismatch():
+def test_precond_rejects_mismatched_sigma_and_labels():
     net = small_precond().eval()
+    x = torch.randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match="3 values for a batch of 2"):
-        net(torch.randn(2, 3, 16, 16), torch.ones(3))
+        net(x, torch.ones(3))
+    with pytest.raises(ValueError, match=r"class_labels must be \[2, 10\] or \[2\] indices"):
+        net(x, 1.0, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"got \(1, 20\)"):
+        net(x, 1.0, torch.zeros(1, 20))
 
 
 def test_precond_runs_float32_on_cpu_and_accepts_float16_snapshots():
