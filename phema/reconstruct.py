@@ -24,6 +24,8 @@ import json
 import os
 import tempfile
 import uuid
+import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -42,8 +44,9 @@ from phema.targets import PowerProfile, power_density
 
 __all__ = ["Plan", "Reconstruction", "plan", "reconstruct", "write_plan"]
 
-#: Default window: 16 MiB of stored bytes per snapshot per read.
-WINDOW_BYTES = 16 << 20
+#: Default window: 4 MiB of stored bytes per snapshot per read. Peak memory is about
+#: ``window * (max_inflight + 1) + K * window * 4 / itemsize`` (K fp32 accumulators).
+WINDOW_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -260,56 +263,74 @@ def _stream(
     max_inflight: int,
     progress: Callable[[int], None] | None,
 ) -> None:
-    with ThreadPoolExecutor(max_workers=max(1, max_inflight)) as pool:
+    """Read (window, snapshot) ranges in order with ``max_inflight`` reads ahead.
 
-        def submit(pieces: list[tuple[TensorInfo, int, int]]) -> list[Future[bytes]]:
-            ti0, a, _ = pieces[0]
-            tin, _, b = pieces[-1]
-            lo = ti0.begin + a * ti0.dtype.itemsize
-            hi = tin.begin + b * tin.dtype.itemsize
-            return [
-                pool.submit(
-                    store.read_range, i.path, i.header.data_start + lo, i.header.data_start + hi
-                )
-                for i in inputs
-            ]
+    Memory: the K fp32 accumulators of one window plus at most ``max_inflight + 1``
+    raw windows, whatever the number of snapshots or the model's size.
+    """
 
-        windows = _windows(layout, window_bytes)
-        current = next(windows, None)
-        pending = submit(current) if current else []
-        while current is not None:
-            nxt = next(windows, None)
-            upcoming = submit(nxt) if nxt else []  # prefetch the next window
-            accs = [
-                {(ti.name, a): torch.zeros(b - a, dtype=torch.float32) for ti, a, b in current}
-                for _ in files
-            ]
-            raws: dict[tuple[str, int], bytearray] = {}
-            for r, fut in enumerate(pending):
-                data = bytearray(fut.result())
-                if progress:
-                    progress(len(data))
-                off = 0
-                for ti, a, b in current:
-                    n = (b - a) * ti.dtype.itemsize
-                    chunk = data[off : off + n]
-                    off += n
-                    if ti.name in copied or not ti.dtype.is_floating_point:
-                        if r == latest:
-                            raws[(ti.name, a)] = chunk
-                        continue
-                    x = torch.frombuffer(chunk, dtype=ti.dtype).float() if n else None
-                    for j, acc in enumerate(accs):
-                        if x is not None and weights[r][j] != 0.0:
-                            acc[(ti.name, a)].add_(x, alpha=weights[r][j])
-            for j, f in enumerate(files):
-                for ti, a, _ in current:
-                    key = (ti.name, a)
-                    if key in raws:
-                        f.write(bytes(raws[key]))
-                    else:
-                        f.write(accs[j][key].to(out_dtype[ti.name]).numpy().tobytes())
-            current, pending = nxt, upcoming
+    def read(pieces: list[tuple[TensorInfo, int, int]], r: int) -> bytes:
+        ti0, a, _ = pieces[0]
+        lo = inputs[r].header.data_start + ti0.begin + a * ti0.dtype.itemsize
+        return store.read_range(inputs[r].path, lo, lo + _span(pieces))
+
+    jobs = ((w, r) for w in _windows(layout, window_bytes) for r in range(len(inputs)))
+    with ThreadPoolExecutor(max_workers=max(1, max_inflight)) as pool, warnings.catch_warnings():
+        # Tensors are only read from the (immutable) downloaded bytes, never written.
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        ahead: deque[tuple[list[tuple[TensorInfo, int, int]], int, Future[bytes]]] = deque()
+
+        def refill() -> None:
+            while len(ahead) < max(1, max_inflight) and (job := next(jobs, None)) is not None:
+                ahead.append((job[0], job[1], pool.submit(read, *job)))
+
+        refill()
+        accs: list[dict[tuple[str, int], torch.Tensor]] = []
+        raws: dict[tuple[str, int], bytes] = {}
+        while ahead:
+            pieces, r, fut = ahead.popleft()
+            data = fut.result()
+            refill()
+            if progress:
+                progress(len(data))
+            if r == 0:
+                accs = [
+                    {(ti.name, a): torch.zeros(b - a, dtype=torch.float32) for ti, a, b in pieces}
+                    for _ in files
+                ]
+            view = memoryview(data)
+            off = 0
+            for ti, a, b in pieces:
+                n = (b - a) * ti.dtype.itemsize
+                chunk, off = view[off : off + n], off + n
+                if ti.name in copied or not ti.dtype.is_floating_point:
+                    if r == latest:
+                        raws[(ti.name, a)] = bytes(chunk)
+                    continue
+                if n == 0:
+                    continue
+                x = torch.frombuffer(chunk, dtype=ti.dtype)
+                if ti.dtype != torch.float32:
+                    x = x.float()
+                for j, acc in enumerate(accs):
+                    if weights[r][j] != 0.0:
+                        acc[(ti.name, a)].add_(x, alpha=weights[r][j])
+            del view, data
+            if r == len(inputs) - 1:  # window complete: write it to every output
+                for j, f in enumerate(files):
+                    for ti, a, _ in pieces:
+                        key = (ti.name, a)
+                        if key in raws:
+                            f.write(raws[key])
+                        else:
+                            f.write(accs[j][key].to(out_dtype[ti.name]).numpy().tobytes())
+                accs, raws = [], {}
+
+
+def _span(pieces: list[tuple[TensorInfo, int, int]]) -> int:
+    ti0, a, _ = pieces[0]
+    tin, _, b = pieces[-1]
+    return (tin.begin + b * tin.dtype.itemsize) - (ti0.begin + a * ti0.dtype.itemsize)
 
 
 class _OutputFiles:

@@ -164,7 +164,7 @@ def reconstruct_cmd(
     out: Annotated[str, typer.Option("--out", help="Where the outputs go (any URL).")],
     at: AtOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    window_mb: Annotated[float, typer.Option(min=0.01, help="Window per snapshot, MiB.")] = 16.0,
+    window_mb: Annotated[float, typer.Option(min=0.01, help="Window per snapshot, MiB.")] = 4.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Make new EMA profiles from a store in one pass over its snapshots."""
