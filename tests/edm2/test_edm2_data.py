@@ -158,6 +158,9 @@ def test_npz_one_hot_labels_layout_and_num_classes(tmp_path):
     assert torch.equal(ds.pixels, torch.from_numpy(a).permute(0, 3, 1, 2))
     assert torch.equal(ds.labels, torch.tensor([5, 0, 2]))
     assert ds.num_classes == 6
+    np.savez(path, images=_images(3, 5, 3, 3), layout="NHWC")  # 5 channels
+    with pytest.raises(DataError, match=r"ambiguous\.npz.*C must be 1 or 3"):
+        load_dataset(path)
     np.savez(path, images=a, layout="NCHW", labels=np.array([1, 1, 0]), num_classes=8)
     ds = load_dataset(path)
     assert torch.equal(ds.pixels, torch.from_numpy(a))

@@ -203,7 +203,7 @@ def test_churn_equals_the_per_sample_recursion(S_min, S_max, churn):
 
 @pytest.mark.parametrize(("S_min", "S_max"), WINDOWS)
 def test_churned_samples_have_the_recursion_mean_and_variance(S_min, S_max):
-    n, num_steps, churn = 20000, 32, 40.0
+    n, num_steps, churn = 5000, 32, 40.0
     gammas = _churn_gammas(num_steps, churn, S_min, S_max)
     m, v = -MU, SMAX**2  # x_0 - mu = sigma_max n - mu
     for a, t_cur, t_hat in heun_factors(num_steps, S, gammas):
@@ -352,7 +352,8 @@ def test_image_grid(tmp_path, channels):
         grid = np.asarray(im)
         assert im.mode == ("L" if channels == 1 else "RGB")
     grid = grid.reshape(*grid.shape[:2], channels)
-    assert grid.shape[:2] == (3 * 5 - 1, 2 * 7 - 1)  # 2x3 images scaled by 2 plus 1 of padding: cells of 5 x 7
+    # 2x3 images scaled by 2, plus 1 pixel of padding: cells of 5 x 7.
+    assert grid.shape[:2] == (3 * 5 - 1, 2 * 7 - 1)
     tiles = to_uint8(images)
     for k in range(5):
         r, c = divmod(k, 2)
