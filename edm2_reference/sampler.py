@@ -82,6 +82,7 @@ def karras_sigmas(
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).to(dtype=dtype, device=device)
 
 
+@torch.no_grad()
 def edm_sampler(
     net: Denoiser,
     noise: Tensor,
@@ -116,7 +117,8 @@ def edm_sampler(
             per-seed determinism. Defaults to ``torch.randn_like``.
 
     Returns:
-        The samples at :math:`\\sigma = 0`, ``(N, C, H, W)`` in ``dtype``.
+        The samples at :math:`\\sigma = 0`, ``(N, C, H, W)`` in ``dtype``. Runs under
+        ``torch.no_grad()``: 2N - 1 network calls would otherwise keep every activation.
     """
     if guidance != 1 and gnet is None:
         raise SamplerError(f"guidance={guidance} needs a guiding network: pass gnet=...")
@@ -246,10 +248,9 @@ def generate(
             class_idx=class_idx,
             device=device,
         )
-        with torch.no_grad():
-            out.append(
-                edm_sampler(net, noise, labels, gnet, randn_like=gens.randn_like, **sampler_kwargs)
-            )
+        out.append(
+            edm_sampler(net, noise, labels, gnet, randn_like=gens.randn_like, **sampler_kwargs)
+        )
     return torch.cat(out)
 
 
