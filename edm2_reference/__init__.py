@@ -1,4 +1,23 @@
-"""EDM2 Config G reference client of phema (network, DDP training loop, sampler).
+"""EDM2 Config G reference client of phema: network, DDP training loop, sampler, metric.
 
-This package is the home of the reference client; its modules arrive with it.
+Modules: :mod:`~edm2_reference.mp` and :mod:`~edm2_reference.network` (the network),
+:mod:`~edm2_reference.presets`, :mod:`~edm2_reference.loss`, :mod:`~edm2_reference.train`,
+:mod:`~edm2_reference.data`, :mod:`~edm2_reference.sampler` and
+:mod:`~edm2_reference.sample`, :mod:`~edm2_reference.metrics` and
+:mod:`~edm2_reference.evaluate`.
 """
+
+from edm2_reference.mp import FrozenModuleError, freeze
+from edm2_reference.network import Block, Precond, UNet
+from edm2_reference.presets import PRESETS, build_precond, get_preset
+
+__all__ = [
+    "PRESETS",
+    "Block",
+    "FrozenModuleError",
+    "Precond",
+    "UNet",
+    "build_precond",
+    "freeze",
+    "get_preset",
+]
