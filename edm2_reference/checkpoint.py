@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from typing import Any
 
 import torch
 
 from phema.errors import PhemaError
+from phema.store import atomic_write
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -35,16 +35,8 @@ def save_checkpoint(run_dir: str, nimg: int, state: dict[str, Any]) -> str:
     """Write ``state`` atomically (temp file, fsync, rename); returns the path."""
     os.makedirs(run_dir, exist_ok=True)
     path = checkpoint_path(run_dir, nimg)
-    tmp = os.path.join(run_dir, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        torch.save(state, f)
     return path
 
 

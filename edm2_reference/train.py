@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from edm2_reference.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -41,7 +40,7 @@ from edm2_reference.distributed import World, init_world
 from edm2_reference.loss import draw_noise, edm2_loss
 from edm2_reference.network import Precond
 from edm2_reference.presets import TrainingConfig, build_precond, get_preset
-from phema import PowerFunctionEMA, SnapshotStore, SnapshotWriter
+from phema import PowerFunctionEMA, SnapshotWriter
 from phema.store import snapshot_name
 
 __all__ = ["TrainResult", "TrainSettings", "main", "train"]
@@ -166,20 +165,19 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
         nimg, step, elapsed = int(state["nimg"]), int(state["step"]), float(state["elapsed"])
         if world.is_main:
             console.print(f"resumed from {resume} at {nimg} images", highlight=False)
-    ddp: nn.Module = (
+    ddp = (
         DistributedDataParallel(
             net, device_ids=[world.device] if world.device.type == "cuda" else None
         )
         if world.size > 1
-        else net
+        else None
     )
     store_url = settings.snapshots or os.path.join(settings.outdir, "snapshots")
     writer = None
-    store = SnapshotStore(store_url)
-    if world.is_main:
+    if world.is_main:  # the only rank that writes snapshots
         dtype = getattr(torch, settings.snapshot_dtype)
         writer = SnapshotWriter(
-            store, dtype=dtype if dtype != torch.float32 else None, t_unit="images"
+            store_url, dtype=dtype if dtype != torch.float32 else None, t_unit="images"
         )
     end = (
         cfg.duration_nimg if settings.stop_at is None else min(settings.stop_at, cfg.duration_nimg)
@@ -217,13 +215,16 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
                 idx = order[rows.numpy()]
                 images = dataset.images(idx).to(world.device)
                 labels = dataset.one_hot(idx).to(world.device) if label_dim else None
-                last = r == rounds - 1
-                skip_sync = ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else None
+                # DDP all-reduces gradients on the last round only.
                 with (
-                    contextlib.nullcontext() if last or skip_sync is None else skip_sync,
+                    ddp.no_sync()
+                    if ddp is not None and r < rounds - 1
+                    else contextlib.nullcontext(),
                     _autocast(world, settings.precision),
                 ):
-                    per_image = edm2_loss(ddp, images, labels, draw.take(rows.to(world.device)))
+                    per_image = edm2_loss(
+                        ddp or net, images, labels, draw.take(rows.to(world.device))
+                    )
                     loss = per_image.sum() * (cfg.loss_scaling / per_rank)
                 loss.backward()  # type: ignore[no-untyped-call]
                 step_loss += float(per_image.detach().sum())
@@ -246,7 +247,7 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
                 window["ema_s"] += time.perf_counter() - t0
                 # After a resume, snapshots written before the crash are already there.
                 if _crossed(nimg, cfg.batch_size, cfg.snapshot_nimg) and not all(
-                    store.exists(snapshot_name(nimg, s)) for s in cfg.ema_stds
+                    writer.store.exists(snapshot_name(nimg, s)) for s in cfg.ema_stds
                 ):
                     t0 = time.perf_counter()
                     writer.save(ema, step=step)

@@ -148,9 +148,7 @@ class HubBatch:
                 f"({', '.join(names)}): {exc}"
             ) from exc
         finally:
-            for _, op in batch:
-                if isinstance(op.path_or_fileobj, str) and os.path.exists(op.path_or_fileobj):
-                    os.unlink(op.path_or_fileobj)
+            _remove_spooled(batch)
             self.fs.invalidate_cache()
         self.commits += 1
 
@@ -158,6 +156,10 @@ class HubBatch:
         """Drop every pending file without publishing it."""
         with self._lock:
             batch, self._pending = self._pending, []
-        for _, op in batch:
-            if os.path.exists(op.path_or_fileobj):
-                os.unlink(op.path_or_fileobj)
+        _remove_spooled(batch)
+
+
+def _remove_spooled(batch: list[tuple[str, Any]]) -> None:
+    for _, op in batch:
+        if isinstance(op.path_or_fileobj, str) and os.path.exists(op.path_or_fileobj):
+            os.unlink(op.path_or_fileobj)

@@ -32,9 +32,10 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 import torch
@@ -45,7 +46,14 @@ from phema.format import FORMAT_VERSION, Header, layout_hash, parse_header, pars
 from phema.format import serialize as serialize_file
 from phema.hub import HubBatch
 
-__all__ = ["SnapshotInfo", "SnapshotStore", "check_layouts", "snapshot_metadata", "snapshot_name"]
+__all__ = [
+    "SnapshotInfo",
+    "SnapshotStore",
+    "atomic_write",
+    "check_layouts",
+    "snapshot_metadata",
+    "snapshot_name",
+]
 
 SUFFIX = ".safetensors"
 
@@ -149,41 +157,19 @@ class SnapshotStore:
                 return False  # the repository does not exist yet
         return bool(self.fs.exists(self.path_of(name)))
 
-    def write(self, name: str, data: bytes | str, *, overwrite: bool = False) -> str:
-        """Write ``data`` as file ``name`` atomically; refuses to replace unless asked.
-
-        ``data`` is the file's bytes, or the path of a finished local file that the
-        store takes over (moved, not copied, where it can be).
-        """
+    def write(self, name: str, data: bytes, *, overwrite: bool = False) -> str:
+        """Write ``data`` as file ``name`` atomically; refuses to replace unless asked."""
         path = self.path_of(name)
         if not overwrite and self.exists(name):
             raise StorageError(
                 f"{self.url}/{name} exists; snapshots are never overwritten (delete it first)"
             )
-        if isinstance(data, str):
-            if self.hub is not None:
-                self.hub.add(name, data)
-            elif self.is_local:
-                os.makedirs(self.root, exist_ok=True)
-                os.replace(data, path)
-            else:
-                with self.fs.transaction:
-                    self.fs.put_file(data, path)
-                os.unlink(data)
-        elif self.hub is not None:
+        if self.hub is not None:
             self.hub.add(name, data)
         elif self.is_local:
             os.makedirs(self.root, exist_ok=True)
-            tmp = self.path_of(f".{name}.tmp-{uuid.uuid4().hex}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_write(path) as f:
+                f.write(data)
         elif "memory" in _protocols(self.fs):
             self.fs.pipe_file(path, data)
         else:
@@ -309,6 +295,26 @@ class SnapshotStore:
                 else torch.empty(ti.shape, dtype=ti.dtype)
             )
         return out
+
+
+@contextmanager
+def atomic_write(path: str) -> Iterator[IO[bytes]]:
+    """A local file at ``path`` that appears whole, or not at all.
+
+    Writes go to a hidden ``.<name>.tmp-<uuid>`` beside ``path``, which is synced and
+    renamed over ``path`` when the block ends without error, and removed otherwise.
+    """
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_layouts(infos: list[SnapshotInfo]) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from phema.errors import PhemaError
 from phema.reconstruct import Plan
+from phema.store import atomic_write
 
 __all__ = ["PlotError", "save_plan_plot"]
 
@@ -48,13 +48,8 @@ def save_plan_plot(the_plan: Plan, path: str, *, overwrite: bool = False, num: i
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".phema-plot-", suffix=".png", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             fig.savefig(f, format="png")
-        os.replace(tmp, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

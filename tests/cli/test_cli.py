@@ -52,23 +52,28 @@ def test_demo_reconstructs_close_to_tracked():
         assert r["val_loss_posthoc"] == pytest.approx(r["val_loss_tracked"], rel=0.02)
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
+def _write_run(url, steps, width=64):
+    """Snapshots of a small MLP's EMA every 4 steps (8 images a step) at ``url``."""
     import torch
     from torch import nn
 
-    root = tmp_path_factory.mktemp("cli") / "run"
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2))
+    net = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))
     ema = phema.PowerFunctionEMA(net)
-    with phema.SnapshotWriter(str(root), t_unit="images") as writer:
-        for step in range(1, 41):
+    with phema.SnapshotWriter(url, t_unit="images") as writer:
+        for step in range(1, steps + 1):
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(0.01)
             ema.update(step * 8)
             if step % 4 == 0:
                 writer.save(ema, step=step)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli") / "run"
+    _write_run(str(root), steps=40)
     return root
 
 
@@ -156,21 +161,8 @@ def test_plan_plot_is_a_png_and_never_overwritten(store_dir, tmp_path):
 
 
 def test_hub_round_trip_through_the_cli(fake_hub, hub_repo, tmp_path):
-    import torch
-    from torch import nn
-
     url = f"{hub_repo}/snapshots"
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
-    ema = phema.PowerFunctionEMA(net)
-    with phema.SnapshotWriter(url, t_unit="images") as writer:
-        for step in range(1, 25):
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.add_(0.01)
-            ema.update(step * 8)
-            if step % 4 == 0:
-                writer.save(ema, step=step)
+    _write_run(url, steps=24, width=32)
     env = {**os.environ, "HF_ENDPOINT": fake_hub.endpoint, "HF_TOKEN": "hf_phema_fake"}
     exe = shutil.which("phema")
     cmd = [exe] if exe else [sys.executable, "-m", "phema_cli"]
