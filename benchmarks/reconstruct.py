@@ -190,7 +190,7 @@ def fsync_path(path: str) -> None:
 
 
 def counting_store(url: str) -> tuple[phema.SnapshotStore, list[int]]:
-    """A store whose ``read_range`` adds every byte it returns to a counter."""
+    """A store whose ``read_range`` and ``read_into`` add every byte they read to a counter."""
     store = phema.SnapshotStore(url)
     count = [0]
     inner = store.read_range
@@ -200,7 +200,14 @@ def counting_store(url: str) -> tuple[phema.SnapshotStore, list[int]]:
         count[0] += len(data)
         return data
 
+    inner_into = store.read_into
+
+    def read_into(path: str, start: int, out: memoryview) -> None:
+        inner_into(path, start, out)
+        count[0] += len(out)
+
     store.read_range = read_range  # type: ignore[method-assign]
+    store.read_into = read_into  # type: ignore[method-assign]
     return store, count
 
 

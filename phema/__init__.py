@@ -8,6 +8,7 @@ training with the float64 least-squares solver in :mod:`phema.solver`.
 from phema.errors import (
     FormatError,
     IllPosedWarning,
+    OptionError,
     PhemaError,
     ProfileError,
     SolverError,
@@ -39,6 +40,7 @@ __all__ = [
     "Fit",
     "FormatError",
     "IllPosedWarning",
+    "OptionError",
     "PhemaError",
     "PowerFunctionEMA",
     "PowerProfile",

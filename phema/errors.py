@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "FormatError",
     "IllPosedWarning",
+    "OptionError",
     "PhemaError",
     "ProfileError",
     "SolverError",
@@ -21,6 +22,10 @@ __all__ = [
 
 class PhemaError(Exception):
     """Base class of every error raised by phema."""
+
+
+class OptionError(PhemaError, ValueError):
+    """An option of a phema call is out of its range (window size, reads in flight...)."""
 
 
 class ProfileError(PhemaError, ValueError):

@@ -3,19 +3,20 @@ r"""Streaming reconstruction: many new profiles in one pass over a store of snap
 Every snapshot of a run shares one byte layout (:mod:`phema.format`), so the
 engine walks that layout in windows of at most ``window_bytes``: for each window
 it reads the same byte range from every snapshot that takes part (exact ranged
-reads, up to ``max_inflight`` at once), adds each one into the K outputs'
-float32 accumulators with its coefficient,
+reads, ``max_inflight`` at once, into reused buffers), adds them into the K
+outputs' accumulators with their coefficients,
 
 .. math::
 
-    \hat\theta_j[w] \mathrel{+}= c_{ij}\, \theta^{(i)}[w],
+    \hat\theta_j[w] \mathrel{+}= \sum_i c_{ij}\, \theta^{(i)}[w]
 
-and appends the K finished windows to the K output files, whose headers were
-written up front. Each stored byte is read at most once (snapshots after the
-target time and zero-weight ones are not read at all), and memory stays near
-``window_bytes * (K + max_inflight)`` whatever the model's size. Tensors that
-snapshots copy rather than average (``phema.copied``: buffers, integer
-counters) are taken from the latest snapshot used.
+(a blocked matrix product, :mod:`phema._stream`), and appends the K finished
+windows to the K output files, whose headers were written up front. Each stored
+byte is read at most once (snapshots after the target time and zero-weight ones
+are not read at all), and memory stays near
+``window_bytes * (2 * max_inflight + 2 * K)`` for fp16 snapshots whatever the
+model's size. Tensors that snapshots copy rather than average (``phema.copied``:
+buffers, integer counters) are taken from the latest snapshot used.
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ import json
 import os
 import tempfile
 import uuid
-import warnings
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import IO, Literal
 
@@ -36,17 +34,20 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from phema.errors import StorageError
-from phema.format import FORMAT_VERSION, TensorInfo, encode_header
+from phema._stream import plan_windows, stream
+from phema.errors import OptionError, StorageError
+from phema.format import FORMAT_VERSION, encode_header
 from phema.solver import Fit, fit_profiles
 from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
 from phema.targets import PowerProfile, power_density
 
 __all__ = ["Plan", "Reconstruction", "plan", "reconstruct", "write_plan"]
 
-#: Default window: 4 MiB of stored bytes per snapshot per read. Peak memory is about
-#: ``window * (max_inflight + 1) + K * window * 4 / itemsize`` (K fp32 accumulators).
-WINDOW_BYTES = 4 << 20
+#: Default window: 2 MiB of stored bytes per snapshot per read. Peak memory is about
+#: ``window * 2 * max_inflight + K * window * 4 / itemsize`` (two banks of reads and
+#: K fp32 accumulators): 80 MiB for 8 outputs from fp16 snapshots. Smaller windows
+#: keep the accumulators in cache; larger ones mean fewer requests to remote stores.
+WINDOW_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -119,28 +120,6 @@ def plan(
     )
 
 
-def _windows(
-    tensors: Sequence[TensorInfo], window: int
-) -> Iterator[list[tuple[TensorInfo, int, int]]]:
-    """Split the data section into windows of pieces ``(tensor, first, last element)``."""
-    pieces: list[tuple[TensorInfo, int, int]] = []
-    size = 0
-    for ti in tensors:
-        item = ti.dtype.itemsize
-        start = 0
-        while start < ti.numel:
-            room = max((window - size) // item, 1)
-            stop = min(ti.numel, start + room)
-            pieces.append((ti, start, stop))
-            size += (stop - start) * item
-            start = stop
-            if size >= window:
-                yield pieces
-                pieces, size = [], 0
-    if pieces:
-        yield pieces
-
-
 def reconstruct(
     src: SnapshotStore | str,
     stds: Sequence[float],
@@ -152,6 +131,7 @@ def reconstruct(
     max_inflight: int = 8,
     overwrite: bool = False,
     constraint: Literal["rescale", "exact"] = "rescale",
+    threads: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Reconstruction]:
     """Synthesise profiles ``stds`` at time ``at`` (default: the last snapshot) into ``out``.
@@ -164,9 +144,15 @@ def reconstruct(
         at: Target time; defaults to the latest snapshot's.
         dtype: Storage dtype of averaged floating-point tensors in the outputs.
         window_bytes: Bytes per snapshot read at a time.
-        max_inflight: Ranged reads in flight at once.
+        max_inflight: Ranged reads in flight at once; also the number of snapshots
+            summed by one matrix product.
         overwrite: Replace existing outputs instead of refusing.
         constraint: Passed to :func:`~phema.solver.fit_profiles`.
+        threads: If given, torch's intra-op thread count (process-wide) for the
+            duration of the pass. Reads run on their own threads, so 1 leaves the
+            other cores to them, and a single compute thread does not stall when
+            the machine is busy (torch's parallel ops wait for every thread they
+            start). ``None`` leaves torch's setting alone.
         progress: Called with the number of bytes each finished read brought.
 
     Returns:
@@ -182,6 +168,7 @@ def reconstruct(
         window_bytes=window_bytes,
         max_inflight=max_inflight,
         overwrite=overwrite,
+        threads=threads,
         progress=progress,
     )
 
@@ -195,9 +182,17 @@ def write_plan(
     window_bytes: int = WINDOW_BYTES,
     max_inflight: int = 8,
     overwrite: bool = False,
+    threads: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Reconstruction]:
     """Carry out a :func:`plan` made on ``src``: the streaming pass of :func:`reconstruct`."""
+    for option, value in (("window_bytes", window_bytes), ("max_inflight", max_inflight)):
+        if value < 1:
+            raise OptionError(f"{option} must be at least 1, got {value}")
+    if threads is not None and threads < 1:
+        raise OptionError(
+            f"threads must be at least 1 (or None for torch's setting), got {threads}"
+        )
     out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
     stds = the_plan.stds
     inputs, weights = the_plan.inputs, the_plan.weights
@@ -231,106 +226,37 @@ def write_plan(
                 out_store.path_of(names[j]), f"{out_store.url.rstrip('/')}/{names[j]}", fit, coefs
             )
         )
-    with _OutputFiles(out_store, names, overwrite) as files:
+    averaged = {ti.name for ti in layout if ti.name not in copied and ti.dtype.is_floating_point}
+    windows = plan_windows(layout, averaged, out_dtype, window_bytes)
+    with _OutputFiles(out_store, names, overwrite) as files, _torch_threads(threads):
         for f, head in zip(files, headers, strict=True):
             f.write(head)
-        _stream(
-            src,
-            inputs,
+        stream(
+            lambda r, offset, buf: src.read_into(
+                inputs[r].path, inputs[r].header.data_start + offset, buf
+            ),
+            windows,
             weights,
-            layout,
             latest,
-            copied,
-            out_dtype,
             files,
-            window_bytes,
-            max_inflight,
-            progress,
+            max_inflight=max_inflight,
+            progress=progress,
         )
     return results
 
 
-def _stream(
-    store: SnapshotStore,
-    inputs: list[SnapshotInfo],
-    weights: list[list[float]],
-    layout: Sequence[TensorInfo],
-    latest: int,
-    copied: set[str],
-    out_dtype: dict[str, torch.dtype],
-    files: list[IO[bytes]],
-    window_bytes: int,
-    max_inflight: int,
-    progress: Callable[[int], None] | None,
-) -> None:
-    """Read (window, snapshot) ranges in order with ``max_inflight`` reads ahead.
-
-    Memory: the K fp32 accumulators of one window plus at most ``max_inflight + 1``
-    raw windows, whatever the number of snapshots or the model's size.
-    """
-
-    def read(pieces: list[tuple[TensorInfo, int, int]], r: int) -> bytes:
-        ti0, a, _ = pieces[0]
-        lo = inputs[r].header.data_start + ti0.begin + a * ti0.dtype.itemsize
-        return store.read_range(inputs[r].path, lo, lo + _span(pieces))
-
-    jobs = ((w, r) for w in _windows(layout, window_bytes) for r in range(len(inputs)))
-    with ThreadPoolExecutor(max_workers=max(1, max_inflight)) as pool, warnings.catch_warnings():
-        # Tensors are only read from the (immutable) downloaded bytes, never written.
-        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-        ahead: deque[tuple[list[tuple[TensorInfo, int, int]], int, Future[bytes]]] = deque()
-
-        def refill() -> None:
-            while len(ahead) < max(1, max_inflight) and (job := next(jobs, None)) is not None:
-                ahead.append((job[0], job[1], pool.submit(read, *job)))
-
-        refill()
-        accs: list[dict[tuple[str, int], torch.Tensor]] = []
-        raws: dict[tuple[str, int], bytes] = {}
-        while ahead:
-            pieces, r, fut = ahead.popleft()
-            data = fut.result()
-            refill()
-            if progress:
-                progress(len(data))
-            if r == 0:
-                accs = [
-                    {(ti.name, a): torch.zeros(b - a, dtype=torch.float32) for ti, a, b in pieces}
-                    for _ in files
-                ]
-            view = memoryview(data)
-            off = 0
-            for ti, a, b in pieces:
-                n = (b - a) * ti.dtype.itemsize
-                chunk, off = view[off : off + n], off + n
-                if ti.name in copied or not ti.dtype.is_floating_point:
-                    if r == latest:
-                        raws[(ti.name, a)] = bytes(chunk)
-                    continue
-                if n == 0:
-                    continue
-                x = torch.frombuffer(chunk, dtype=ti.dtype)
-                if ti.dtype != torch.float32:
-                    x = x.float()
-                for j, acc in enumerate(accs):
-                    if weights[r][j] != 0.0:
-                        acc[(ti.name, a)].add_(x, alpha=weights[r][j])
-            del view, data
-            if r == len(inputs) - 1:  # window complete: write it to every output
-                for j, f in enumerate(files):
-                    for ti, a, _ in pieces:
-                        key = (ti.name, a)
-                        if key in raws:
-                            f.write(raws[key])
-                        else:
-                            f.write(accs[j][key].to(out_dtype[ti.name]).numpy().tobytes())
-                accs, raws = [], {}
-
-
-def _span(pieces: list[tuple[TensorInfo, int, int]]) -> int:
-    ti0, a, _ = pieces[0]
-    tin, _, b = pieces[-1]
-    return (tin.begin + b * tin.dtype.itemsize) - (ti0.begin + a * ti0.dtype.itemsize)
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count to ``n`` (if given) and restore it after."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _OutputFiles:

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from phema.reconstruct import plan, write_plan
+from phema.reconstruct import WINDOW_BYTES, plan, write_plan
 from phema.store import SnapshotStore, check_layouts
 from phema_cli.plot import save_plan_plot
 
@@ -164,7 +164,18 @@ def reconstruct_cmd(
     out: Annotated[str, typer.Option("--out", help="Where the outputs go (any URL).")],
     at: AtOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    window_mb: Annotated[float, typer.Option(min=0.01, help="Window per snapshot, MiB.")] = 4.0,
+    window_mb: Annotated[
+        float, typer.Option(min=0.01, help="Bytes read per snapshot at a time, MiB.")
+    ] = WINDOW_BYTES / (1 << 20),
+    inflight: Annotated[
+        int, typer.Option(min=1, help="Reads in flight (and snapshots per summed block).")
+    ] = 8,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Torch threads for the arithmetic (reads have their own); 0: torch's."
+        ),
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Make new EMA profiles from a store in one pass over its snapshots."""
@@ -186,6 +197,8 @@ def reconstruct_cmd(
             out,
             overwrite=overwrite,
             window_bytes=int(window_mb * (1 << 20)),
+            max_inflight=inflight,
+            threads=threads or None,
             progress=lambda n: bar.advance(task, n),
         )
     for s, res in zip(stds, results, strict=True):

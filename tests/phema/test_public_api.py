@@ -12,6 +12,7 @@ EXPECTED = {
     "Fit",
     "FormatError",
     "IllPosedWarning",
+    "OptionError",
     "PhemaError",
     "PowerFunctionEMA",
     "PowerProfile",

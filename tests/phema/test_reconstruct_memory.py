@@ -79,9 +79,10 @@ def test_peak_memory_is_flat_in_model_size_and_snapshot_count(tmp_path):
         results[(n_params, n_times)] = fig["peak"] - fig["before"]
     small, large, many = results[(1 << 20, 3)], results[(16 << 20, 3)], results[(1 << 20, 12)]
     model_fp32 = 4 * (16 << 20)  # 64 MiB: one fp32 copy of the large model
-    # The engine's buffers: window * (inflight + 1) + 8 outputs * window * 2 (fp16 -> fp32
-    # accumulators) ~ 5.3 MiB; measured 15-19 MiB in all three cases with the thread pool
-    # and torch's first-use allocations. Loading whole snapshots would need 8 * 64 MiB.
+    # The engine's buffers: two banks of 4 reads (2 * 4 * window = 2 MiB) + 8 outputs *
+    # window * 2 (fp16 -> fp32 accumulators, 4 MiB) ~ 6 MiB; measured 12.3-12.8 MiB in
+    # all three cases with the thread pool and torch's first-use allocations. Loading
+    # whole snapshots would need 8 * 64 MiB.
     budget = 16 << 20
     assert large < model_fp32 / 2, results
     assert large - small < budget, results  # 16x the model: no growth beyond noise

@@ -45,7 +45,7 @@ def _write_run(url, dtype=None, steps=40, every=2):
 
 
 class CountingStore(SnapshotStore):
-    """Records every ranged read (path, start, end)."""
+    """Records every ranged read (path, start, end), whichever of the two calls made it."""
 
     def __init__(self, url):
         super().__init__(url)
@@ -54,6 +54,10 @@ class CountingStore(SnapshotStore):
     def read_range(self, path, start, end):
         self.reads.append((path, start, end))
         return super().read_range(path, start, end)
+
+    def read_into(self, path, start, out):
+        self.reads.append((path, start, start + len(out)))
+        return super().read_into(path, start, out)
 
 
 @pytest.fixture
@@ -128,11 +132,11 @@ def test_never_overwrites_and_fails_atomically(urls):
     class Failing(SnapshotStore):
         calls = 0
 
-        def read_range(self, path, start, end):
+        def read_into(self, path, start, out):
             Failing.calls += 1
             if Failing.calls > 20:
                 raise OSError("connection reset")
-            return super().read_range(path, start, end)
+            return super().read_into(path, start, out)
 
     out2 = out + "2"
     with pytest.raises(OSError, match="connection reset"):
@@ -157,3 +161,26 @@ def test_plan_curves_match_the_reported_fit(tmp_path):
         dist = np.sqrt(np.trapezoid((achieved[j] - target[j]) ** 2, tau))
         norm = np.sqrt(np.trapezoid(target[j] ** 2, tau))
         assert dist / norm == pytest.approx(fit.rel_error, rel=1e-4)
+
+
+def test_bad_options_are_named_and_threads_are_restored(tmp_path):
+    from phema import OptionError
+
+    _write_run(str(tmp_path / "run"))
+    for kwargs, name in (
+        ({"window_bytes": 0}, "window_bytes"),
+        ({"max_inflight": 0}, "max_inflight"),
+        ({"threads": 0}, "threads"),
+    ):
+        with pytest.raises(OptionError, match=name):
+            reconstruct(str(tmp_path / "run"), [0.1], str(tmp_path / "out"), **kwargs)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    before = torch.get_num_threads()
+    seen = []
+
+    def progress(n):
+        seen.append(torch.get_num_threads())
+
+    reconstruct(str(tmp_path / "run"), [0.1], str(tmp_path / "out"), threads=1, progress=progress)
+    assert set(seen) == {1}  # the pass ran with one intra-op thread ...
+    assert torch.get_num_threads() == before  # ... and the setting is back
