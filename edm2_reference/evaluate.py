@@ -15,7 +15,6 @@ import json
 import os
 from collections.abc import Sequence
 
-import fsspec
 from rich.console import Console
 from rich.table import Table
 
@@ -24,25 +23,14 @@ from edm2_reference.metrics import cached_classifier, evaluate
 from edm2_reference.presets import get_preset
 from edm2_reference.sample import load_network
 from edm2_reference.sampler import generate
-from phema.format import parse_header, parse_header_length
+from phema.store import SnapshotStore
 
 __all__ = ["find_reconstructions", "main"]
 
 
 def find_reconstructions(url: str) -> list[tuple[float, str]]:
     """``(std, url)`` of every phema reconstruction at ``url``, by std."""
-    fs, root = fsspec.url_to_fs(url)
-    found = []
-    for path in fs.ls(root, detail=False):
-        name = os.path.basename(str(path))
-        if not (name.startswith("phema-ema-") and name.endswith(".safetensors")):
-            continue
-        with fs.open(path, "rb") as f:
-            n = parse_header_length(f.read(8), str(path))
-            meta = parse_header(f.read(n), str(path)).metadata
-        full = f"{url.rstrip('/')}/{name}"
-        found.append((float(meta["phema.std"]), full))
-    return sorted(found)
+    return sorted((r.std, r.url) for r in SnapshotStore(url).reconstructions())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

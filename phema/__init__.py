@@ -26,7 +26,7 @@ from phema.profiles import (
     sigma_rel_to_gamma,
 )
 from phema.solver import Fit, Solution, fit_profiles, solve_weights
-from phema.store import SnapshotInfo, SnapshotStore
+from phema.store import ReconstructionInfo, SnapshotInfo, SnapshotStore
 from phema.targets import ExponentialProfile, PowerProfile, Profile
 from phema.tracking import BufferPolicy, PowerFunctionEMA, unwrap_module
 from phema.writer import SnapshotWriter
@@ -46,6 +46,7 @@ __all__ = [
     "PowerProfile",
     "Profile",
     "ProfileError",
+    "ReconstructionInfo",
     "Snapshot",
     "SnapshotInfo",
     "SnapshotStore",

@@ -28,6 +28,7 @@ happens every ``hub_batch_files`` files, on the next write after
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -47,6 +48,7 @@ from phema.format import serialize as serialize_file
 from phema.hub import HubBatch
 
 __all__ = [
+    "ReconstructionInfo",
     "SnapshotInfo",
     "SnapshotStore",
     "atomic_write",
@@ -73,6 +75,20 @@ class SnapshotInfo:
     size: int
     copied: tuple[str, ...]
     header: Header
+
+
+@dataclass(frozen=True)
+class ReconstructionInfo:
+    """One output of :func:`phema.reconstruct` as listed: its target and how it was made."""
+
+    path: str
+    url: str
+    t: float
+    std: float
+    t_unit: str
+    size: int
+    coefficients: dict[str, float]  # input file name -> coefficient
+    fit: dict[str, float]  # rel_error, l1_norm, condition
 
 
 def snapshot_metadata(
@@ -259,7 +275,45 @@ class SnapshotStore:
         )
 
     def list(self) -> list[SnapshotInfo]:
-        """Every snapshot in the store, sorted by (t, std); raises on a foreign or bad file."""
+        """Every snapshot in the store, sorted by (t, std); raises on a foreign or bad file.
+
+        Outputs of :func:`phema.reconstruct` beside them are skipped (see
+        :meth:`reconstructions`).
+        """
+        infos = []
+        for path, source, size, header in self._headers():
+            if header.metadata.get("phema.kind") != "reconstruction":
+                infos.append(self._info(path, source, size, header))
+        return sorted(infos, key=lambda i: (i.t, i.std))
+
+    def reconstructions(self) -> builtins.list[ReconstructionInfo]:
+        """Every output of :func:`phema.reconstruct` in the folder, sorted by (t, std)."""
+        found = []
+        for path, source, size, header in self._headers():
+            meta = header.metadata
+            if meta.get("phema.kind") != "reconstruction":
+                continue
+            try:
+                found.append(
+                    ReconstructionInfo(
+                        path=path,
+                        url=source,
+                        t=float(meta["phema.t"]),
+                        std=float(meta["phema.std"]),
+                        t_unit=meta["phema.t_unit"],
+                        size=size,
+                        coefficients=json.loads(meta["phema.coefficients"]),
+                        fit=json.loads(meta["phema.fit"]),
+                    )
+                )
+            except (KeyError, ValueError, TypeError) as exc:
+                raise FormatError(
+                    f"{source}: metadata entry is missing or malformed ({exc})"
+                ) from None
+        return sorted(found, key=lambda i: (i.t, i.std))
+
+    def _headers(self) -> Iterator[tuple[str, str, int, Header]]:
+        """``(path, url, size, header)`` of every safetensors file in the folder."""
         self.fs.invalidate_cache(self.root)  # see files other processes wrote since
         try:
             if not self.fs.isdir(self.root):
@@ -267,24 +321,24 @@ class SnapshotStore:
             entries = self.fs.ls(self.root, detail=True)
         except (FileNotFoundError, PermissionError) as exc:
             raise StorageError(f"cannot list {self.url}: {exc}") from exc
-        infos = []
         for entry in entries:
-            name = os.path.basename(str(entry["name"]).rstrip("/"))
-            if entry.get("type") == "file" and name.endswith(SUFFIX) and not name.startswith("."):
-                info = self._info(str(entry["name"]), name, int(entry["size"]))
-                if info is not None:
-                    infos.append(info)
-        return sorted(infos, key=lambda i: (i.t, i.std))
+            path, size = str(entry["name"]), int(entry["size"])
+            name = os.path.basename(path.rstrip("/"))
+            if entry.get("type") != "file" or not name.endswith(SUFFIX) or name.startswith("."):
+                continue
+            source = f"{self.url.rstrip('/')}/{name}"
+            n = parse_header_length(self.read_range(path, 0, min(8, size)), source)
+            if 8 + n > size:
+                raise FormatError(f"{source}: header of {n} bytes does not fit the file; truncated")
+            yield (
+                path,
+                source,
+                size,
+                parse_header(self.read_range(path, 8, 8 + n), source, file_size=size),
+            )
 
-    def _info(self, path: str, name: str, size: int) -> SnapshotInfo | None:
-        source = f"{self.url.rstrip('/')}/{name}"
-        n = parse_header_length(self.read_range(path, 0, min(8, size)), source)
-        if 8 + n > size:
-            raise FormatError(f"{source}: header of {n} bytes does not fit the file; truncated")
-        header = parse_header(self.read_range(path, 8, 8 + n), source, file_size=size)
+    def _info(self, path: str, source: str, size: int, header: Header) -> SnapshotInfo:
         meta = header.metadata
-        if meta.get("phema.kind") == "reconstruction":
-            return None  # an output of phema.reconstruct, not an input
         if meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
             raise FormatError(
                 f"{source}: not a phema snapshot of format {FORMAT_VERSION} "

@@ -55,13 +55,15 @@ AtOpt = Annotated[
 
 
 def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
-    """List the snapshots in a store: time, std, step, size and layout."""
+    """List a store: its snapshots (time, std, step, size, layout) and any reconstructions."""
     store = SnapshotStore(url)
     infos = store.list()
     check_layouts(infos)
+    outputs = store.reconstructions()
     if as_json:
         for i in infos:
             row = {
+                "kind": "snapshot",
                 "file": i.url,
                 "t": i.t,
                 "t_unit": i.t_unit,
@@ -72,16 +74,51 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
                 "layout": i.layout,
             }
             typer.echo(json.dumps(row))
+        for r in outputs:
+            row = {
+                "kind": "reconstruction",
+                "file": r.url,
+                "t": r.t,
+                "t_unit": r.t_unit,
+                "std": r.std,
+                "bytes": r.size,
+                "inputs": len(r.coefficients),
+                **r.fit,
+            }
+            typer.echo(json.dumps(row))
         return
-    table = Table(title=f"{len(infos)} snapshots in {url}")
-    for col in ("t", "unit", "std", "step", "bytes", "layout", "file"):
-        table.add_column(col, justify="left" if col in ("unit", "layout", "file") else "right")
-    for i in infos:
-        name = i.url.rsplit("/", 1)[-1]
-        table.add_row(
-            f"{i.t:g}", i.t_unit, f"{i.std:.4g}", str(i.step or ""), f"{i.size:,}", i.layout, name
-        )
-    out_console.print(table)
+    if infos or not outputs:
+        table = Table(title=f"{len(infos)} snapshots in {url}")
+        for col in ("t", "unit", "std", "step", "bytes", "layout", "file"):
+            table.add_column(col, justify="left" if col in ("unit", "layout", "file") else "right")
+        for i in infos:
+            name = i.url.rsplit("/", 1)[-1]
+            table.add_row(
+                f"{i.t:g}",
+                i.t_unit,
+                f"{i.std:.4g}",
+                str(i.step or ""),
+                f"{i.size:,}",
+                i.layout,
+                name,
+            )
+        out_console.print(table)
+    if outputs:
+        plural = "" if len(outputs) == 1 else "s"
+        table = Table(title=f"{len(outputs)} reconstruction{plural} in {url}")
+        for col in ("t", "unit", "std", "inputs", "rel. L2 error", "bytes", "file"):
+            table.add_column(col, justify="left" if col in ("unit", "file") else "right")
+        for r in outputs:
+            table.add_row(
+                f"{r.t:g}",
+                r.t_unit,
+                f"{r.std:.4g}",
+                str(len(r.coefficients)),
+                f"{r.fit.get('rel_error', float('nan')):.3g}",
+                f"{r.size:,}",
+                r.url.rsplit("/", 1)[-1],
+            )
+        out_console.print(table)
     stale = store.leftovers(older_than=3600.0)
     if stale:
         err_console.print(
@@ -165,7 +202,7 @@ def reconstruct_cmd(
     at: AtOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     window_mb: Annotated[
-        float, typer.Option(min=0.01, help="Bytes read per snapshot at a time, MiB.")
+        float, typer.Option(min=0.001, help="Bytes read per snapshot at a time, MiB.")
     ] = WINDOW_BYTES / (1 << 20),
     inflight: Annotated[
         int, typer.Option(min=1, help="Reads in flight (and snapshots per summed block).")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import phema
 
@@ -105,6 +106,32 @@ def test_reconstruct_writes_loadable_outputs(store_dir, tmp_path):
     assert again.returncode == 1
     assert "exists" in again.stderr
     assert "Traceback" not in again.stderr
+    # Other window, reads in flight and threads give the same output (to fp32 rounding:
+    # the snapshots are grouped differently in the sums).
+    other = tmp_path / "other"
+    out = _phema(
+        "reconstruct", str(store_dir), "--std", "0.075", "--out", str(other),
+        "--window-mb", "0.001", "--inflight", "1", "--threads", "0", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (row2,) = [json.loads(line) for line in out.stdout.splitlines()]
+    for name, value in safetensors.torch.load_file(row2["url"]).items():
+        torch.testing.assert_close(value, tensors[name], rtol=1e-6, atol=1e-7)
+    # `ls` lists the outputs with their fit; the run's own folder lists snapshots only.
+    listed = _phema("ls", str(tmp_path), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (item,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert item["kind"] == "reconstruction"
+    assert item["std"] == 0.075
+    assert item["rel_error"] == row["rel_error"]
+    table = _phema("ls", str(tmp_path))
+    assert "1 reconstruction in" in table.stdout
+    assert "snapshots" not in table.stdout
+    kinds = {
+        json.loads(line)["kind"]
+        for line in _phema("ls", str(store_dir), "--json").stdout.splitlines()
+    }
+    assert kinds == {"snapshot"}
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ EXPECTED = {
     "Profile",
     "ProfileError",
     "Snapshot",
+    "ReconstructionInfo",
     "SnapshotInfo",
     "SnapshotStore",
     "SnapshotWriter",

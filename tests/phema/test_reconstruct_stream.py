@@ -120,6 +120,11 @@ def test_output_metadata_and_earlier_target_time(tmp_path):
     assert json.loads(meta["phema.fit"])["rel_error"] == res.fit.rel_error
     # The store still lists its snapshots only, also with an output beside them.
     assert all(i.t <= 1280 for i in SnapshotStore(str(tmp_path / "run")).list())
+    (listed,) = SnapshotStore(str(tmp_path / "out")).reconstructions()
+    assert (listed.t, listed.std, listed.url) == (640.0, 0.1, res.url)
+    assert listed.coefficients == res.coefficients
+    assert listed.fit["rel_error"] == res.fit.rel_error
+    assert SnapshotStore(str(tmp_path / "run")).reconstructions() == []
 
 
 def test_never_overwrites_and_fails_atomically(urls):
