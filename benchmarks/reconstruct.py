@@ -6,7 +6,7 @@ written to a local folder and to an S3 bucket on a moto server that this script
 starts on 127.0.0.1 (fake credentials). Then 8 new profiles (stds between the
 stored ones, at the last snapshot's time) are made by:
 
-* ``phema``: ``phema.reconstruct`` with its default window (4 MiB), one pass
+* ``phema``: ``phema.reconstruct`` with its default window (2 MiB), one pass
   over the store, outputs streamed window by window;
 * ``reference``: the approach of the reference implementation's reconstruct
   tool, implemented here from its description (no code copied): one pass over
@@ -39,6 +39,10 @@ temporary files on S3). Bytes read are counted by wrapping
 from the files that ema-pytorch loads; locally they are cross-checked with
 ``rchar`` of ``/proc/self/io``. The outputs of each engine are compared with
 phema's (sums of one tensor).
+
+On S3 a probe first times ranged GETs of one window from a snapshot and from an
+object of one window (``s3_range_probe``): a server whose cost per ranged GET
+follows the object rather than the range (moto's) slows every ranged engine.
 
 A scaling section runs phema alone at 3 model sizes and 2 snapshot counts and
 prints its peak RSS each time (the target: flat, and below one fp32 model), once
