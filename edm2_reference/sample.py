@@ -25,6 +25,7 @@ from edm2_reference.network import Precond
 from edm2_reference.presets import build_precond, get_preset
 from edm2_reference.sampler import generate, save_image_grid
 from phema.errors import PhemaError
+from phema.store import atomic_write
 
 __all__ = ["NetworkLoadError", "load_network", "main", "parse_seeds"]
 
@@ -127,15 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         guidance=a.guidance,
         S_churn=a.churn,
     )
-    tmp = os.path.join(
-        os.path.dirname(os.path.abspath(a.out)), f".{os.path.basename(a.out)}.tmp.png"
-    )
-    try:
-        save_image_grid(images, tmp, scale=a.scale, padding=a.scale)
-        os.replace(tmp, a.out)  # the grid appears whole or not at all
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(os.path.abspath(a.out)) as f:  # the grid appears whole or not at all
+        save_image_grid(images, f, scale=a.scale, padding=a.scale)
     print(f"{len(images)} images -> {a.out}")  # noqa: T201
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -262,7 +262,7 @@ def to_uint8(images: Tensor) -> NDArray[np.uint8]:
 
 def save_image_grid(
     images: Tensor,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | IO[bytes],
     *,
     ncols: int | None = None,
     scale: int = 1,
@@ -272,7 +272,7 @@ def save_image_grid(
 
     Args:
         images: The images; values outside [-1, 1] are clipped.
-        path: Output file (``.png``).
+        path: Output file, or a binary file object to write the PNG to.
         ncols: Images per row; default ``ceil(sqrt(N))``.
         scale: Nearest-neighbour upscaling factor (8x8 digits are hard to see at 1).
         padding: Black pixels between images (after scaling).
@@ -291,5 +291,5 @@ def save_image_grid(
     for k in range(n):
         r, q = divmod(k, cols)
         grid[r * hs : r * hs + h * scale, q * ws : q * ws + w * scale] = tiles[k]
-    Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
+    Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path, format="PNG")
     return rows, cols
