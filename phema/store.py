@@ -33,7 +33,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -75,6 +75,10 @@ class SnapshotInfo:
     size: int
     copied: tuple[str, ...]
     header: Header
+
+
+#: One file as listed: ``(path, url, size, parsed header)``.
+_Listed = tuple[str, str, int, Header]
 
 
 @dataclass(frozen=True)
@@ -280,16 +284,28 @@ class SnapshotStore:
         Outputs of :func:`phema.reconstruct` beside them are skipped (see
         :meth:`reconstructions`).
         """
-        infos = []
-        for path, source, size, header in self._headers():
-            if header.metadata.get("phema.kind") != "reconstruction":
-                infos.append(self._info(path, source, size, header))
-        return sorted(infos, key=lambda i: (i.t, i.std))
+        return self._snapshots(self._headers())
 
     def reconstructions(self) -> builtins.list[ReconstructionInfo]:
         """Every output of :func:`phema.reconstruct` in the folder, sorted by (t, std)."""
+        return self._reconstructions(self._headers())
+
+    def contents(self) -> tuple[builtins.list[SnapshotInfo], builtins.list[ReconstructionInfo]]:
+        """:meth:`list` and :meth:`reconstructions` from one read of every header."""
+        headers = builtins.list(self._headers())
+        return self._snapshots(headers), self._reconstructions(headers)
+
+    def _snapshots(self, headers: Iterable[_Listed]) -> builtins.list[SnapshotInfo]:
+        infos = [
+            self._info(*entry)
+            for entry in headers
+            if entry[3].metadata.get("phema.kind") != "reconstruction"
+        ]
+        return sorted(infos, key=lambda i: (i.t, i.std))
+
+    def _reconstructions(self, headers: Iterable[_Listed]) -> builtins.list[ReconstructionInfo]:
         found = []
-        for path, source, size, header in self._headers():
+        for path, source, size, header in headers:
             meta = header.metadata
             if meta.get("phema.kind") != "reconstruction":
                 continue
@@ -312,7 +328,7 @@ class SnapshotStore:
                 ) from None
         return sorted(found, key=lambda i: (i.t, i.std))
 
-    def _headers(self) -> Iterator[tuple[str, str, int, Header]]:
+    def _headers(self) -> Iterator[_Listed]:
         """``(path, url, size, header)`` of every safetensors file in the folder."""
         self.fs.invalidate_cache(self.root)  # see files other processes wrote since
         try:

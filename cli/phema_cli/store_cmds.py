@@ -57,9 +57,8 @@ AtOpt = Annotated[
 def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
     """List a store: its snapshots (time, std, step, size, layout) and any reconstructions."""
     store = SnapshotStore(url)
-    infos = store.list()
+    infos, outputs = store.contents()
     check_layouts(infos)
-    outputs = store.reconstructions()
     if as_json:
         for i in infos:
             row = {

@@ -189,3 +189,18 @@ def test_bad_options_are_named_and_threads_are_restored(tmp_path):
     reconstruct(str(tmp_path / "run"), [0.1], str(tmp_path / "out"), threads=1, progress=progress)
     assert set(seen) == {1}  # the pass ran with one intra-op thread ...
     assert torch.get_num_threads() == before  # ... and the setting is back
+
+
+def test_contents_lists_both_kinds_from_one_read_of_each_header(tmp_path):
+    run = str(tmp_path / "run")
+    _write_run(run)
+    (res,) = reconstruct(run, [0.1], run)  # an output beside the snapshots
+    store = CountingStore(run)
+    snapshots, outputs = store.contents()
+    assert snapshots == store.list()
+    assert outputs == store.reconstructions()
+    assert [o.url for o in outputs] == [res.url]
+    files = len(snapshots) + len(outputs)
+    store.reads.clear()
+    store.contents()
+    assert len(store.reads) == 2 * files  # length prefix and header, once per file
