@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 import torch
@@ -119,7 +119,7 @@ def plan_windows(
                 and last.out_dtype == out_dtype[ti.name]
                 and (last.acc >= 0) == avg
             ):
-                runs[-1] = Run(last.dtype, last.out_dtype, last.start, last.stop + nbytes, last.acc)
+                runs[-1] = replace(last, stop=last.stop + nbytes)
             else:
                 acc = numel if avg else -1
                 runs.append(Run(ti.dtype, out_dtype[ti.name], size, size + nbytes, acc))
@@ -171,33 +171,33 @@ def stream(
     pending: list[Future[None]] = []
     try:
 
-        def submit(bank: torch.Tensor) -> tuple[Window, int, int, list[Future[None]]] | None:
+        def submit(
+            bank: torch.Tensor,
+        ) -> tuple[Window, int, torch.Tensor, list[Future[None]]] | None:
+            """Start reading the next group into ``bank``; its rows are the group's bytes."""
             job = next(batches, None)
             if job is None:
                 return None
             w, first, count = job
             shift = w.offset % 8
-            futures = [
-                pool.submit(read, first + i, w.offset, bank[i, shift : shift + w.size].numpy().data)
-                for i in range(count)
+            data = bank[:count, shift : shift + w.size]
+            pending[:] = [
+                pool.submit(read, first + i, w.offset, data[i].numpy().data) for i in range(count)
             ]
-            pending[:] = futures
-            return w, first, count, futures
+            return w, first, data, pending[:]
 
         copied: dict[int, bytes] = {}
         current = submit(banks[0])
         b = 0
         while current is not None:
-            w, first, count, futures = current
+            w, first, data, futures = current
             for fut in futures:
                 fut.result()
                 if progress:
                     progress(w.size)
-            current_bank = banks[b]
             b ^= 1
             current = submit(banks[b])  # the next group reads while this one is summed
-            shift = w.offset % 8
-            data = current_bank[:count, shift : shift + w.size]
+            count = data.shape[0]
             _accumulate(acc, coef[:, first : first + count], data, w, tile, beta=first != 0)
             if first <= latest < first + count:
                 copied.update(

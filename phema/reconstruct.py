@@ -158,6 +158,7 @@ def reconstruct(
     Returns:
         One :class:`Reconstruction` per std, in order.
     """
+    _check_options(window_bytes, max_inflight, threads)  # before any listing
     src_store = src if isinstance(src, SnapshotStore) else SnapshotStore(src)
     the_plan = plan(src_store, stds, at=at, constraint=constraint)
     return write_plan(
@@ -186,13 +187,7 @@ def write_plan(
     progress: Callable[[int], None] | None = None,
 ) -> list[Reconstruction]:
     """Carry out a :func:`plan` made on ``src``: the streaming pass of :func:`reconstruct`."""
-    for option, value in (("window_bytes", window_bytes), ("max_inflight", max_inflight)):
-        if value < 1:
-            raise OptionError(f"{option} must be at least 1, got {value}")
-    if threads is not None and threads < 1:
-        raise OptionError(
-            f"threads must be at least 1 (or None for torch's setting), got {threads}"
-        )
+    _check_options(window_bytes, max_inflight, threads)
     out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
     stds = the_plan.stds
     inputs, weights = the_plan.inputs, the_plan.weights
@@ -243,6 +238,16 @@ def write_plan(
             progress=progress,
         )
     return results
+
+
+def _check_options(window_bytes: int, max_inflight: int, threads: int | None) -> None:
+    for option, value in (("window_bytes", window_bytes), ("max_inflight", max_inflight)):
+        if value < 1:
+            raise OptionError(f"{option} must be at least 1, got {value}")
+    if threads is not None and threads < 1:
+        raise OptionError(
+            f"threads must be at least 1 (or None for torch's setting), got {threads}"
+        )
 
 
 @contextmanager

@@ -180,6 +180,8 @@ def test_bad_options_are_named_and_threads_are_restored(tmp_path):
         with pytest.raises(OptionError, match=name):
             reconstruct(str(tmp_path / "run"), [0.1], str(tmp_path / "out"), **kwargs)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+    with pytest.raises(OptionError, match="window_bytes"):  # ... and before any listing
+        reconstruct(str(tmp_path / "missing"), [0.1], str(tmp_path / "out"), window_bytes=0)
     before = torch.get_num_threads()
     seen = []
 
