@@ -8,6 +8,8 @@ working for code that does not know about phema.
 from __future__ import annotations
 
 __all__ = [
+    "ChangedError",
+    "ExistsError",
     "FormatError",
     "IllPosedWarning",
     "OptionError",
@@ -50,6 +52,14 @@ class FormatError(PhemaError, ValueError):
 
 class StorageError(PhemaError, OSError):
     """A store cannot be read or written (missing URL, permissions, mixed layouts)."""
+
+
+class ExistsError(StorageError, FileExistsError):
+    """A file that is never overwritten without being asked is already in the store."""
+
+
+class ChangedError(StorageError):
+    """A stored file changed between the moment it was listed and the moment it was read."""
 
 
 class IllPosedWarning(UserWarning):

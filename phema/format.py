@@ -28,13 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from phema.errors import FormatError
+from phema.errors import FormatError, OptionError
 
 __all__ = [
     "FORMAT_VERSION",
     "MAX_HEADER_BYTES",
+    "STORAGE_DTYPES",
     "Header",
     "TensorInfo",
+    "check_storage_dtype",
     "encode_header",
     "layout_hash",
     "parse_header",
@@ -105,6 +107,23 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise FormatError(
             f"dtype {dtype} cannot be stored; supported: {sorted(_FROM_NAME)}"
         ) from None
+
+
+#: Dtypes that averaged weights may be stored in.
+STORAGE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_storage_dtype(dtype: object, option: str) -> None:
+    """Refuse a storage dtype for averaged weights that is not a float type phema writes.
+
+    An integer or boolean dtype would silently truncate the weights.
+    """
+    if dtype not in STORAGE_DTYPES:
+        names = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in STORAGE_DTYPES)
+        raise OptionError(
+            f"{option}={dtype!r} cannot store averaged weights (an integer or bool dtype "
+            f"would truncate them); use one of {names}"
+        )
 
 
 def _order(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[int]:

@@ -21,11 +21,16 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from phema.errors import StorageError
+from phema._backends import Backend, Head, Staged
+from phema.errors import ExistsError, StorageError
 
-__all__ = ["HubBatch"]
+__all__ = ["HubBackend", "HubBatch"]
+
+#: Tries of a commit whose parent moved meanwhile (another writer committed first).
+_COMMIT_ATTEMPTS = 5
 
 
 class HubBatch:
@@ -50,6 +55,7 @@ class HubBatch:
         self._api: Any = None
         self._where: Any = None
         self._pending: list[tuple[str, Any]] = []  # (name, CommitOperationAdd)
+        self._replace: set[str] = set()  # pending names added with overwrite=True
         self._since = 0.0
         self._spool: str | None = None
         self._lock = threading.Lock()
@@ -86,10 +92,13 @@ class HubBatch:
                 f"created ({exc}); create it (`hf repo create {repo_id}`) or check HF_TOKEN"
             ) from exc
 
-    def add(self, name: str, data: bytes | str, *, defer: bool = False) -> None:
+    def add(
+        self, name: str, data: bytes | str, *, defer: bool = False, overwrite: bool = False
+    ) -> None:
         """Queue ``data`` (bytes, or a local file path that this batch takes over) as ``name``.
 
-        Commits when the batch is due, unless ``defer`` (the caller commits).
+        Commits when the batch is due, unless ``defer`` (the caller commits). ``overwrite``
+        lets this file replace one of the same name (see :meth:`commit`).
         """
         from huggingface_hub import CommitOperationAdd
 
@@ -118,6 +127,8 @@ class HubBatch:
             if not self._pending:
                 self._since = time.monotonic()
             self._pending.append((name, op))
+            if overwrite:
+                self._replace.add(name)
             due = (
                 len(self._pending) >= self.max_files
                 or time.monotonic() - self._since >= self.max_seconds
@@ -125,23 +136,85 @@ class HubBatch:
         if due and not defer:
             self.commit()
 
-    def commit(self, message: str | None = None) -> None:
-        """Publish every pending file in one commit (nothing happens when none is pending)."""
+    def head(self) -> str:
+        """The commit the branch points at now."""
+        where = self._target()
+        info = self._api.repo_info(
+            where.repo_id, repo_type=where.repo_type, revision=where.revision
+        )
+        return str(info.sha)
+
+    def pinned(self, path_in_repo: str, sha: str) -> str:
+        """``path_in_repo`` at commit ``sha``, as ``HfFileSystem`` spells it (immutable)."""
+        where = self._target()
+        prefix = "" if where.repo_type == "model" else f"{where.repo_type}s/"
+        return f"{prefix}{where.repo_id}@{sha}/{path_in_repo}".rstrip("/")
+
+    def _present(self, sha: str, paths: list[str]) -> set[str]:
+        where = self._target()
+        found = self._api.get_paths_info(
+            where.repo_id, paths, repo_type=where.repo_type, revision=sha
+        )
+        return {str(f.path) for f in found}
+
+    def commit(
+        self, message: str | None = None, *, overwrite: bool = False, whole: bool = False
+    ) -> None:
+        """Publish every pending file in one commit (nothing happens when none is pending).
+
+        The commit names the branch head it was prepared against (``parent_commit``), so a
+        concurrent commit makes it fail and it is prepared again (optimistic concurrency).
+        Without ``overwrite``, a pending file whose name exists at that head is not
+        committed: with the same bytes it is taken as already published (a resumed run);
+        with other bytes it is a conflict, raised as :class:`~phema.errors.ExistsError`
+        after the others are published, or before anything is published when ``whole``.
+        """
         with self._lock:
             batch, self._pending = self._pending, []
+            replace, self._replace = self._replace, set()
         if not batch:
             return
         where = self._target()
         names = [name for name, _ in batch]
         summary = message or f"phema: add {len(names)} file(s) ({names[0]} .. {names[-1]})"
+        conflicts: list[str] = []
         try:
-            self._api.create_commit(
-                where.repo_id,
-                operations=[op for _, op in batch],
-                commit_message=summary,
-                repo_type=where.repo_type,
-                revision=where.revision,
-            )
+            for attempt in range(_COMMIT_ATTEMPTS):
+                head = self.head()
+                ops = [op for _, op in batch]
+                if not overwrite:
+                    checked = [(n, op) for n, op in batch if n not in replace]
+                    present = self._present(head, [op.path_in_repo for _, op in checked])
+                    conflicts = [
+                        name
+                        for name, op in checked
+                        if op.path_in_repo in present and (whole or not self._same(op, head))
+                    ]
+                    if conflicts and whole:
+                        raise self._conflict(conflicts, published=False)
+                    ops = [
+                        op for n, op in batch if n in replace or op.path_in_repo not in present
+                    ]
+                if not ops:
+                    break
+                try:
+                    self._api.create_commit(
+                        where.repo_id,
+                        operations=ops,
+                        commit_message=summary,
+                        repo_type=where.repo_type,
+                        revision=where.revision,
+                        parent_commit=head,
+                    )
+                except Exception as exc:
+                    status = getattr(getattr(exc, "response", None), "status_code", None)
+                    if status in (409, 412) and attempt + 1 < _COMMIT_ATTEMPTS:
+                        continue  # the branch moved: prepare against the new head
+                    raise
+                self.commits += 1
+                break
+        except ExistsError:
+            raise
         except Exception as exc:
             raise StorageError(
                 f"committing {len(names)} file(s) to {self.url} failed, none was published "
@@ -150,12 +223,30 @@ class HubBatch:
         finally:
             _remove_spooled(batch)
             self.fs.invalidate_cache()
-        self.commits += 1
+        if conflicts:
+            raise self._conflict(conflicts, published=True)
+
+    def _same(self, op: Any, sha: str) -> bool:
+        """Whether the file at ``sha`` holds exactly the bytes of the pending ``op``."""
+        with open(op.path_or_fileobj, "rb") as f:
+            mine = f.read()
+        there = self.fs.cat_file(self.pinned(op.path_in_repo, sha))
+        return bool(there == mine)
+
+    def _conflict(self, names: list[str], *, published: bool) -> ExistsError:
+        rest = (
+            "the other files of the commit were published" if published else "nothing was published"
+        )
+        return ExistsError(
+            f"{', '.join(f'{self.url}/{n}' for n in names)} already exist(s) on the Hub with "
+            f"other content; {rest} (delete them, or pass overwrite=True / --overwrite)"
+        )
 
     def discard(self) -> None:
         """Drop every pending file without publishing it."""
         with self._lock:
             batch, self._pending = self._pending, []
+            self._replace.clear()
         _remove_spooled(batch)
 
 
@@ -163,3 +254,81 @@ def _remove_spooled(batch: list[tuple[str, Any]]) -> None:
     for _, op in batch:
         if isinstance(op.path_or_fileobj, str) and os.path.exists(op.path_or_fileobj):
             os.unlink(op.path_or_fileobj)
+
+
+class HubBackend(Backend):
+    """A folder of a Hub repository: writes go through :class:`HubBatch`, reads are pinned.
+
+    Listing resolves the branch head once (:meth:`pin`) and reads every file at that
+    commit, which no later commit can change, so the identity of a file is the commit.
+    """
+
+    def __init__(self, fs: Any, url: str, batch: HubBatch) -> None:
+        super().__init__(fs, url)
+        self.batch = batch
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` is committed at the head, or waiting in the batch."""
+        if path.rsplit("/", 1)[-1] in self.batch.pending:
+            return True
+        try:
+            self.fs.invalidate_cache()
+            return bool(self.fs.exists(path))
+        except FileNotFoundError:
+            return False  # the repository does not exist yet
+
+    def pin(self, root: str) -> str:
+        """``root`` at the current head commit."""
+        try:
+            sha = self.batch.head()
+        except Exception:
+            return root  # no repository yet: listing reports it
+        where = self.fs.resolve_path(root)
+        return self.batch.pinned(where.path_in_repo, sha)
+
+    def stage(self, name: str, path: str, overwrite: bool) -> Staged:
+        """A local spool file, committed by :meth:`publish`."""
+        spool = tempfile.mkdtemp(prefix="phema-out-")
+        local = os.path.join(spool, name)
+        return Staged(name, path, open(local, "wb"), token=local)
+
+    def publish(self, staged: Sequence[Staged], overwrite: bool) -> None:
+        """All staged files in one commit (after the files still pending, in their own)."""
+        try:
+            for s in staged:
+                s.file.close()
+            self.batch.commit()
+            for s in staged:
+                self.batch.add(s.name, s.token, defer=True)
+            names = ", ".join(s.name for s in staged)
+            self.batch.commit(f"phema: publish {names}", overwrite=overwrite, whole=True)
+        except BaseException:
+            self.batch.discard()
+            self.discard(staged)
+            raise
+        self.discard(staged)  # removes the emptied spool folders
+
+    def _discard_one(self, s: Staged) -> None:
+        s.file.close()
+        shutil.rmtree(os.path.dirname(s.token), ignore_errors=True)
+
+    def identity_of(self, path: str) -> tuple[int, str]:
+        """Size and identity: the (pinned) path itself."""
+        info = self.fs.info(path)
+        return int(info["size"]), path
+
+    def head(self, path: str, want: int) -> Head:
+        """The first ``want`` bytes of ``path`` (pinned by :meth:`pin`)."""
+        size = int(self.fs.info(path)["size"])
+        return Head(self._fetch(path, 0, min(want, size)), size, path)
+
+    def read_into(self, path: str, start: int, out: memoryview, identity: str) -> None:
+        """One exact HTTP range of ``path`` into ``out``."""
+        data = self._fetch(path, start, start + len(out))
+        if len(data) != len(out):
+            raise self.truncated(path, start, start + len(out), len(data))
+        out[:] = data
+
+    def _fetch(self, path: str, start: int, end: int) -> bytes:
+        # The Hub's file objects read ahead 5 MiB unless told not to cache.
+        return bytes(self.fs.cat_file(path, start=start, end=end, cache_type="none"))

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Literal
 
@@ -34,9 +32,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from phema._backends import Staged
 from phema._stream import plan_windows, stream
-from phema.errors import OptionError, StorageError
-from phema.format import FORMAT_VERSION, encode_header
+from phema.errors import ExistsError, OptionError, PhemaError, StorageError
+from phema.format import FORMAT_VERSION, check_storage_dtype, encode_header
 from phema.solver import Fit, fit_profiles
 from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
 from phema.targets import PowerProfile, power_density
@@ -158,7 +157,7 @@ def reconstruct(
     Returns:
         One :class:`Reconstruction` per std, in order.
     """
-    _check_options(window_bytes, max_inflight, threads)  # before any listing
+    _check_options(window_bytes, max_inflight, threads, dtype)  # before any listing
     src_store = src if isinstance(src, SnapshotStore) else SnapshotStore(src)
     the_plan = plan(src_store, stds, at=at, constraint=constraint)
     return write_plan(
@@ -187,7 +186,7 @@ def write_plan(
     progress: Callable[[int], None] | None = None,
 ) -> list[Reconstruction]:
     """Carry out a :func:`plan` made on ``src``: the streaming pass of :func:`reconstruct`."""
-    _check_options(window_bytes, max_inflight, threads)
+    _check_options(window_bytes, max_inflight, threads, dtype)
     out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
     stds = the_plan.stds
     inputs, weights = the_plan.inputs, the_plan.weights
@@ -228,7 +227,7 @@ def write_plan(
             f.write(head)
         stream(
             lambda r, offset, buf: src.read_into(
-                inputs[r].path, inputs[r].header.data_start + offset, buf
+                inputs[r].path, inputs[r].header.data_start + offset, buf, inputs[r].identity
             ),
             windows,
             weights,
@@ -240,7 +239,10 @@ def write_plan(
     return results
 
 
-def _check_options(window_bytes: int, max_inflight: int, threads: int | None) -> None:
+def _check_options(
+    window_bytes: int, max_inflight: int, threads: int | None, dtype: torch.dtype
+) -> None:
+    check_storage_dtype(dtype, "dtype")
     for option, value in (("window_bytes", window_bytes), ("max_inflight", max_inflight)):
         if value < 1:
             raise OptionError(f"{option} must be at least 1, got {value}")
@@ -265,61 +267,44 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 class _OutputFiles:
-    """K output files that appear together at the end, or not at all."""
+    """K output files that appear together at the end, or not at all.
+
+    Each is staged by the store's backend (invisible while written); at the end they
+    are published together (:meth:`phema._backends.Backend.publish`): without
+    ``overwrite`` none replaces an existing file, also when another run races for the
+    same names, and a failure part way rolls back the ones already published.
+    """
 
     def __init__(self, store: SnapshotStore, names: list[str], overwrite: bool) -> None:
         self.store, self.names, self.overwrite = store, names, overwrite
-        self.stack = ExitStack()
-        self.tmp: list[str] = []
-        self.files: list[IO[bytes]] = []
+        self.staged: list[Staged] = []
 
     def __enter__(self) -> list[IO[bytes]]:
-        for name in self.names:
+        for name in self.names:  # fail before the pass; publish checks again, race-free
             if not self.overwrite and self.store.exists(name):
-                raise StorageError(
+                raise ExistsError(
                     f"{self.store.url}/{name} exists; pass overwrite=True (--overwrite) to replace it"
                 )
-        if self.store.hub is not None:  # spooled locally, then one commit for all outputs
-            spool = self.stack.enter_context(tempfile.TemporaryDirectory(prefix="phema-out-"))
-            self.tmp = [os.path.join(spool, n) for n in self.names]
-            self.files = [self.stack.enter_context(open(p, "wb")) for p in self.tmp]  # noqa: SIM115
-            return self.files
-        if self.store.is_local:
-            os.makedirs(self.store.root, exist_ok=True)
-            self.tmp = [self.store.path_of(f".{n}.tmp-{uuid.uuid4().hex}") for n in self.names]
-            return [self.stack.enter_context(open(p, "wb")) for p in self.tmp]
-        self.stack.enter_context(self.store.fs.transaction)
-        return [
-            self.stack.enter_context(self.store.fs.open(self.store.path_of(n), "wb"))
-            for n in self.names
-        ]
+        backend = self.store.backend
+        try:
+            for name in self.names:
+                self.staged.append(backend.stage(name, self.store.path_of(name), self.overwrite))
+        except BaseException:
+            backend.discard(self.staged)
+            raise
+        return [s.file for s in self.staged]
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        hub = self.store.hub
-        if hub is not None:
-            try:
-                for f in self.files:
-                    f.close()
-                if exc_type is None:
-                    hub.commit()  # publish earlier files first, so outputs share one commit
-                    for tmp, name in zip(self.tmp, self.names, strict=True):
-                        hub.add(name, tmp, defer=True)
-                    hub.commit(f"phema: reconstruct {', '.join(self.names)}")
-            except BaseException:
-                hub.discard()
-                raise
-            finally:
-                self.stack.close()
+        backend = self.store.backend
+        if exc_type is not None:
+            backend.discard(self.staged)
             return
-        if not self.store.is_local:
-            self.stack.__exit__(exc_type, exc, tb)  # type: ignore[arg-type]
-            return
-        self.stack.close()
-        if exc_type is None:
-            for tmp, name in zip(self.tmp, self.names, strict=True):
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.store.path_of(name))
-        for tmp in self.tmp:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        try:
+            backend.publish(self.staged, self.overwrite)
+        except PhemaError:
+            raise
+        except Exception as err:
+            raise StorageError(
+                f"publishing {', '.join(self.names)} to {self.store.url} failed, none was "
+                f"published: {type(err).__name__}: {err}"
+            ) from err

@@ -14,22 +14,34 @@ profile's full ``state_dict`` (see :mod:`phema.format`), with ``__metadata__``
 ``phema.copied``  JSON list of tensors copied from the live module, not averaged
 ================  =====================================================
 
-File names are for people; listing reads every file's header (two exact ranged
-reads) and trusts only the metadata. A file is either complete or absent: local
-files are written to a hidden temporary name in the same folder, synced and
-renamed; other filesystems write inside an fsspec transaction (an S3 multipart
-upload is aborted on error); ``memory://`` stores the bytes in one step; the
-Hugging Face Hub (``hf://user/repo/folder``) gets files in batched commits
-(:class:`~phema.hub.HubBatch`): a file is listed once its commit lands, which
-happens every ``hub_batch_files`` files, on the next write after
-``hub_batch_seconds``, and at :meth:`SnapshotStore.flush` (called by
-:meth:`phema.SnapshotWriter.close`).
+File names are for people (and injective in ``(t, std)``, see :func:`snapshot_name`);
+listing reads every file's header (one exact ranged read, a second for headers over
+64 KiB) and trusts only the metadata. How each backend writes and reads is in
+:mod:`phema._backends`; what a store promises on every backend:
+
+* a file is complete or absent: it is staged invisibly and then published (local:
+  hidden temporary file and hard link; S3: a multipart upload completed at the end;
+  ``memory://``: one step under a lock; the Hub: batched commits, see
+  :class:`~phema.hub.HubBatch`, so a snapshot is listed once its commit lands, every
+  ``hub_batch_files`` files, on the next write after ``hub_batch_seconds``, and at
+  :meth:`SnapshotStore.flush`, called by :meth:`phema.SnapshotWriter.close`);
+* a file is never replaced unless ``overwrite`` is asked, also when writers race:
+  local disk links without replacing, S3 completes with ``If-None-Match: *``, the Hub
+  commits against the head it checked (``parent_commit``); ``memory://`` checks and
+  publishes under one lock. Other fsspec filesystems check, then publish: there two
+  writers racing for one name may both succeed;
+* a read returns bytes of the version that was listed, or raises
+  :class:`~phema.errors.ChangedError`;
+* a store never shares a filesystem instance with other stores or with the user's own
+  fsspec calls, and remote requests have timeouts and bounded retries.
 """
 
 from __future__ import annotations
 
 import builtins
+import io
 import json
+import math
 import os
 import time
 import uuid
@@ -39,13 +51,23 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
+import numpy as np
 import torch
 from torch import Tensor
 
-from phema.errors import FormatError, StorageError
+from phema._backends import Backend, Staged, backend_for, protocols
+from phema._s3 import s3_options
+from phema.errors import (
+    ExistsError,
+    FormatError,
+    OptionError,
+    PhemaError,
+    ProfileError,
+    StorageError,
+)
 from phema.format import FORMAT_VERSION, Header, layout_hash, parse_header, parse_header_length
 from phema.format import serialize as serialize_file
-from phema.hub import HubBatch
+from phema.hub import HubBackend, HubBatch
 
 __all__ = [
     "ReconstructionInfo",
@@ -58,6 +80,10 @@ __all__ = [
 ]
 
 SUFFIX = ".safetensors"
+
+#: Bytes read from the start of a file when listing: its header, in one request for
+#: headers up to this size (phema's are a few KiB).
+HEADER_PROBE = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -75,10 +101,11 @@ class SnapshotInfo:
     size: int
     copied: tuple[str, ...]
     header: Header
+    identity: str = ""  # the version listed (see phema._backends); "" = not pinned
 
 
-#: One file as listed: ``(path, url, size, parsed header)``.
-_Listed = tuple[str, str, int, Header]
+#: One file as listed: ``(path, url, size, parsed header, identity)``.
+_Listed = tuple[str, str, int, Header, str]
 
 
 @dataclass(frozen=True)
@@ -120,10 +147,29 @@ def snapshot_metadata(
     }
 
 
+def _token(x: float, what: str) -> str:
+    """A decimal spelling of ``x`` that reads back as exactly ``x``, with no ``-`` in it."""
+    x = float(x)
+    if not math.isfinite(x) or x < 0:
+        raise ProfileError(f"{what} must be finite and >= 0 to name a snapshot, got {x!r}")
+    return np.format_float_positional(x, unique=True, trim="-")
+
+
 def snapshot_name(t: float, std: float) -> str:
-    """``phema-000000004096-0.0500.safetensors``: sortable by time, then std."""
-    t_token = f"{int(t):012d}" if float(t).is_integer() else f"{t:.9e}"
-    return f"phema-{t_token}-{std:.4f}{SUFFIX}"
+    """``phema-000000004096-0.0500.safetensors``: sortable by time, then std; injective.
+
+    An integral ``t`` is written with 12 digits (more when needed), any other ``t`` in
+    the shortest decimal that reads back exactly (``1234.5``). ``std`` is written with 4
+    decimals when that reads back exactly (``0.0500``), else in its shortest exact
+    decimal (``0.10004``). Both tokens read back as exactly ``(t, std)`` and neither holds
+    a ``-``, so two different ``(t, std)`` never share a name.
+    """
+    t, std = float(t), float(std)
+    t_token = _token(t, "t")
+    if t.is_integer():
+        t_token = f"{int(t):012d}"
+    std_token = f"{std:.4f}" if math.isfinite(std) and float(f"{std:.4f}") == std else None
+    return f"phema-{t_token}-{std_token or _token(std, 'std')}{SUFFIX}"
 
 
 class SnapshotStore:
@@ -134,7 +180,13 @@ class SnapshotStore:
         hub_batch_files: Hub only: commit once this many files are pending.
         hub_batch_seconds: Hub only: commit on the next write once the oldest
             pending file is this many seconds old.
+        timeout: S3 only: seconds a request may wait (to connect, or for an answer)
+            before it fails and is retried.
+        retries: S3 only: tries of a request in all (with backoff), so a stalled
+            server fails after about ``timeout * retries`` seconds.
         **storage_options: Passed to :func:`fsspec.url_to_fs` (credentials, endpoint).
+            The store gets its own filesystem instance unless ``skip_instance_cache``
+            is given, so that no state is shared with other stores or fsspec users.
     """
 
     def __init__(
@@ -143,16 +195,31 @@ class SnapshotStore:
         *,
         hub_batch_files: int = 32,
         hub_batch_seconds: float = 300.0,
+        timeout: float = 10.0,
+        retries: int = 3,
         **storage_options: Any,
     ) -> None:
+        if not (timeout > 0 and math.isfinite(timeout)) or retries < 1:
+            raise OptionError(
+                f"timeout must be a positive number of seconds and retries >= 1, got "
+                f"timeout={timeout!r}, retries={retries!r}"
+            )
         self.url = url
+        own = "skip_instance_cache" not in storage_options
+        options = dict(storage_options)
+        options.setdefault("skip_instance_cache", True)
+        if url.split("://", 1)[0] in ("s3", "s3a") and "://" in url:
+            options = s3_options(options, timeout)
         try:
-            self.fs, self.root = fsspec.url_to_fs(url, **storage_options)
+            self.fs, self.root = fsspec.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open {url!r}: {exc}") from exc
-        self.is_local = "file" in _protocols(self.fs)
+        if own and isinstance(getattr(self.fs, "retries", None), int):
+            self.fs.retries = retries  # s3fs's retry loop (our own instance)
+        self.is_local = "file" in protocols(self.fs)
         self.hub: HubBatch | None = None
-        if "hf" in _protocols(self.fs):
+        self.backend: Backend
+        if "hf" in protocols(self.fs):
             self.hub = HubBatch(
                 self.fs,
                 self.root,
@@ -160,6 +227,9 @@ class SnapshotStore:
                 max_files=hub_batch_files,
                 max_seconds=hub_batch_seconds,
             )
+            self.backend = HubBackend(self.fs, url, self.hub)
+        else:
+            self.backend = backend_for(self.fs, url)
 
     def path_of(self, name: str) -> str:
         """Path of file ``name`` inside the store, for the store's filesystem."""
@@ -167,40 +237,64 @@ class SnapshotStore:
 
     def exists(self, name: str) -> bool:
         """Whether file ``name`` is in the store (or waiting for its Hub commit)."""
-        if self.hub is not None:
-            if name in self.hub.pending:
-                return True
-            try:
-                self.fs.invalidate_cache(self.root)
-                return bool(self.fs.exists(self.path_of(name)))
-            except FileNotFoundError:
-                return False  # the repository does not exist yet
-        return bool(self.fs.exists(self.path_of(name)))
+        return self.backend.exists(self.path_of(name))
 
-    def write(self, name: str, data: bytes, *, overwrite: bool = False) -> str:
-        """Write ``data`` as file ``name`` atomically; refuses to replace unless asked."""
+    def write(
+        self, name: str, data: bytes, *, overwrite: bool = False, exist_ok: bool = False
+    ) -> str:
+        """Write ``data`` as file ``name``: it appears whole, or not at all.
+
+        Without ``overwrite`` an existing ``name`` is never replaced, also when another
+        writer (thread, process or machine) publishes it at the same moment: exactly one
+        of them wins, the others get :class:`~phema.errors.ExistsError`. With
+        ``exist_ok``, an existing file that holds exactly ``data`` is accepted instead
+        (a resumed run writing the same snapshot again).
+        """
         path = self.path_of(name)
-        if not overwrite and self.exists(name):
-            raise StorageError(
-                f"{self.url}/{name} exists; snapshots are never overwritten (delete it first)"
-            )
-        if self.hub is not None:
-            self.hub.add(name, data)
-        elif self.is_local:
-            os.makedirs(self.root, exist_ok=True)
-            with atomic_write(path) as f:
-                f.write(data)
-        elif "memory" in _protocols(self.fs):
-            self.fs.pipe_file(path, data)
-        else:
+        if self.hub is not None:  # checked again against races when the batch commits
+            if not overwrite and self.backend.exists(path):
+                if exist_ok and name not in self.hub.pending and self._holds(path, data):
+                    return path
+                if exist_ok:
+                    raise ExistsError(
+                        f"{self.url}/{name} exists with other bytes than this snapshot "
+                        "(another run, or another model or settings, wrote it); move it away "
+                        "or write to a new store"
+                    )
+                raise self.backend.exists_error(Staged(name, path, io.BytesIO()))
+            self.hub.add(name, data, overwrite=overwrite)
+            return path
+        try:
+            staged = self.backend.stage(name, path, overwrite)
             try:
-                with self.fs.transaction, self.fs.open(path, "wb") as f:
-                    f.write(data)
-            except Exception as exc:  # botocore/aiohttp errors are not OSErrors
-                raise StorageError(
-                    f"writing {self.url}/{name} failed, nothing was published: {exc}"
-                ) from exc
+                staged.file.write(data)
+            except BaseException:
+                self.backend.discard([staged])
+                raise
+            self.backend.publish([staged], overwrite)
+        except ExistsError:
+            if not exist_ok:
+                raise
+            if self._holds(path, data):
+                return path
+            raise ExistsError(
+                f"{self.url}/{name} exists with other bytes than this snapshot (another run, "
+                "or another model or settings, wrote it); move it away or write to a new store"
+            ) from None
+        except PhemaError:
+            raise
+        except Exception as exc:  # botocore/aiohttp errors are not all OSErrors
+            raise StorageError(
+                f"writing {self.url}/{name} failed, nothing was published: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         return path
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        try:
+            return self.backend.read_all(path) == data
+        except FileNotFoundError:
+            return False
 
     def flush(self) -> None:
         """Publish files still waiting for a Hub commit; a no-op on other stores."""
@@ -234,49 +328,43 @@ class SnapshotStore:
         t_unit: str = "steps",
         step: int | None = None,
         copied: tuple[str, ...] = (),
+        exist_ok: bool = True,
     ) -> str:
-        """Serialise one profile's tensors with their metadata and write it atomically."""
+        """Serialise one profile's tensors with their metadata and write it atomically.
+
+        An existing snapshot of the same name is accepted when its bytes are the same
+        (``exist_ok``, the default: a resumed run saves it again); other bytes raise
+        :class:`~phema.errors.ExistsError` naming the file.
+        """
         meta = snapshot_metadata(
             tensors, t=t, std=std, gamma=gamma, t_unit=t_unit, step=step, copied=copied
         )
-        return self.write(snapshot_name(t, std), serialize_file(tensors, meta))
+        return self.write(snapshot_name(t, std), serialize_file(tensors, meta), exist_ok=exist_ok)
 
-    def read_range(self, path: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of ``path``, by one exact ranged read."""
-        return self._fetch(path, start, end)
+    def read_range(self, path: str, start: int, end: int, identity: str | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``path``, by one exact ranged read.
 
-    def read_into(self, path: str, start: int, out: memoryview) -> None:
+        With ``identity`` (:attr:`SnapshotInfo.identity`), the read fails with
+        :class:`~phema.errors.ChangedError` unless the file is still the version listed.
+        """
+        out = bytearray(end - start)
+        if identity is None:
+            identity = self.backend.identity_of(path)[1]
+        self.backend.read_into(path, start, memoryview(out), identity)
+        return bytes(out)
+
+    def read_into(
+        self, path: str, start: int, out: memoryview, identity: str | None = None
+    ) -> None:
         """Fill ``out`` with bytes ``[start, start + len(out))`` of ``path``.
 
         One exact ranged read; local files are read straight into ``out`` (``preadv``),
-        so a caller that reuses its buffers allocates nothing per read.
+        so a caller that reuses its buffers allocates nothing per read. ``identity`` as
+        in :meth:`read_range`.
         """
-        if not self.is_local:
-            out[:] = self._fetch(path, start, start + len(out))
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            got = 0
-            while got < len(out) and (n := os.preadv(fd, [out[got:]], start + got)):
-                got += n
-        finally:
-            os.close(fd)
-        if got != len(out):
-            raise self._truncated(path, start, start + len(out), got)
-
-    def _fetch(self, path: str, start: int, end: int) -> bytes:
-        # The Hub's file objects read ahead 5 MiB unless told not to cache.
-        opts = {"cache_type": "none"} if self.hub is not None else {}
-        data: bytes = self.fs.cat_file(path, start=start, end=end, **opts)
-        if len(data) != end - start:
-            raise self._truncated(path, start, end, len(data))
-        return data
-
-    def _truncated(self, path: str, start: int, end: int, got: int) -> FormatError:
-        return FormatError(
-            f"{self.url}/{os.path.basename(path)}: wanted bytes [{start}, {end}), got "
-            f"{got}: the file is truncated"
-        )
+        if identity is None:
+            identity = self.backend.identity_of(path)[1]
+        self.backend.read_into(path, start, out, identity)
 
     def list(self) -> list[SnapshotInfo]:
         """Every snapshot in the store, sorted by (t, std); raises on a foreign or bad file.
@@ -305,7 +393,7 @@ class SnapshotStore:
 
     def _reconstructions(self, headers: Iterable[_Listed]) -> builtins.list[ReconstructionInfo]:
         found = []
-        for path, source, size, header in headers:
+        for path, source, size, header, _ in headers:
             meta = header.metadata
             if meta.get("phema.kind") != "reconstruction":
                 continue
@@ -329,31 +417,52 @@ class SnapshotStore:
         return sorted(found, key=lambda i: (i.t, i.std))
 
     def _headers(self) -> Iterator[_Listed]:
-        """``(path, url, size, header)`` of every safetensors file in the folder."""
-        self.fs.invalidate_cache(self.root)  # see files other processes wrote since
+        """``(path, url, size, header, identity)`` of every safetensors file in the folder.
+
+        Each file's size, header and identity come from one version of it (one ``fstat``
+        and read locally, one GET on S3, one commit on the Hub). Remote failures
+        (unreachable or stalled servers, timeouts) become :class:`StorageError`.
+        """
         try:
-            if not self.fs.isdir(self.root):
+            root = self.backend.pin(self.root)
+            self.fs.invalidate_cache(root)  # see files other processes wrote since
+            if not self.fs.isdir(root):
                 raise StorageError(f"{self.url} does not exist or is not a folder of snapshots")
-            entries = self.fs.ls(self.root, detail=True)
+            entries = self.fs.ls(root, detail=True)
         except (FileNotFoundError, PermissionError) as exc:
             raise StorageError(f"cannot list {self.url}: {exc}") from exc
+        except PhemaError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot list {self.url}: {type(exc).__name__}: {exc}") from exc
         for entry in entries:
-            path, size = str(entry["name"]), int(entry["size"])
+            path = str(entry["name"])
             name = os.path.basename(path.rstrip("/"))
             if entry.get("type") != "file" or not name.endswith(SUFFIX) or name.startswith("."):
                 continue
             source = f"{self.url.rstrip('/')}/{name}"
-            n = parse_header_length(self.read_range(path, 0, min(8, size)), source)
-            if 8 + n > size:
-                raise FormatError(f"{source}: header of {n} bytes does not fit the file; truncated")
-            yield (
-                path,
-                source,
-                size,
-                parse_header(self.read_range(path, 8, 8 + n), source, file_size=size),
-            )
+            try:
+                yield (path, source, *self._read_header(path, source))
+            except FileNotFoundError:
+                continue  # removed since the folder was listed
+            except PhemaError:
+                raise
+            except Exception as exc:
+                raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
 
-    def _info(self, path: str, source: str, size: int, header: Header) -> SnapshotInfo:
+    def _read_header(self, path: str, source: str) -> tuple[int, Header, str]:
+        head = self.backend.head(path, HEADER_PROBE)
+        n = parse_header_length(head.data[:8], source)
+        if 8 + n > head.size:
+            raise FormatError(f"{source}: header of {n} bytes does not fit the file; truncated")
+        raw = head.data[8 : 8 + n]
+        if len(raw) < n:  # a header longer than the first read
+            raw = self.read_range(path, 8, 8 + n, head.identity)
+        return head.size, parse_header(raw, source, file_size=head.size), head.identity
+
+    def _info(
+        self, path: str, source: str, size: int, header: Header, identity: str
+    ) -> SnapshotInfo:
         meta = header.metadata
         if meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
             raise FormatError(
@@ -374,13 +483,16 @@ class SnapshotStore:
                 size=size,
                 copied=tuple(json.loads(meta["phema.copied"])),
                 header=header,
+                identity=identity,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{source}: metadata entry is missing or malformed ({exc})") from None
 
     def load(self, info: SnapshotInfo) -> dict[str, Tensor]:
         """All tensors of one snapshot (reads the data section once)."""
-        data = bytearray(self.read_range(info.path, info.header.data_start, info.size))
+        data = bytearray(
+            self.read_range(info.path, info.header.data_start, info.size, info.identity or None)
+        )
         out = {}
         for ti in info.header.tensors:
             raw = data[ti.begin : ti.end]
@@ -423,8 +535,3 @@ def check_layouts(infos: list[SnapshotInfo]) -> None:
                 f"{info.url} has tensor layout {info.layout}, but {ref.url} has {ref.layout}: "
                 "the store mixes snapshots of different models or dtypes"
             )
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)

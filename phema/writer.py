@@ -5,10 +5,16 @@
 and queues them; a single background thread casts them to the storage dtype,
 moves them to the CPU, serialises and writes each file atomically. The queue is
 bounded (``max_pending`` snapshots), so a slow store slows training down instead
-of growing memory without limit. A failure in the background is raised by the
-next :meth:`SnapshotWriter.save` or by :meth:`SnapshotWriter.close`; nothing is
-swallowed. Under ``torch.distributed`` only rank 0 writes; other ranks return at
-once.
+of growing memory without limit.
+
+Each snapshot file is written on its own: a failure (a full disk, a lost
+connection, a file that exists with other bytes) is raised by the next
+:meth:`SnapshotWriter.save` or by :meth:`SnapshotWriter.close`, naming the file it
+concerns, and never stops the snapshots queued before or after it. ``save`` queues
+its own snapshot before it raises, so a loop that catches the error loses nothing
+else. A snapshot that already exists with the same bytes is accepted (a run resumed
+after a crash writes it again). Under ``torch.distributed`` only rank 0 writes;
+other ranks return at once.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from phema.errors import StorageError
-from phema.store import SnapshotStore
+from phema.format import check_storage_dtype
+from phema.store import SnapshotStore, snapshot_name
 from phema.tracking import PowerFunctionEMA
 
 __all__ = ["SnapshotWriter"]
@@ -58,6 +65,8 @@ class SnapshotWriter:
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if dtype is not None:
+            check_storage_dtype(dtype, "dtype")
         self.store = (
             store if isinstance(store, SnapshotStore) else SnapshotStore(store, **storage_options)
         )
@@ -65,7 +74,8 @@ class SnapshotWriter:
         self.t_unit = t_unit
         self.active = _rank() == 0
         self.written: list[str] = []
-        self._error: BaseException | None = None
+        self._failures: list[tuple[str, BaseException]] = []  # (file, error), not yet raised
+        self._lock = threading.Lock()
         self._queue: queue.Queue[list[_Job] | None] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._run, name="phema-writer", daemon=True)
         self._closed = False
@@ -73,34 +83,34 @@ class SnapshotWriter:
             self._thread.start()
 
     def save(self, ema: PowerFunctionEMA, step: int | None = None) -> None:
-        """Queue one snapshot of every profile of ``ema`` at its current time."""
-        self._raise_error()
+        """Queue one snapshot of every profile of ``ema`` at its current time.
+
+        Raises :class:`~phema.errors.StorageError` naming every earlier snapshot that
+        failed since the last report, after this call's snapshots were queued.
+        """
         if self._closed:
             raise StorageError("this SnapshotWriter is closed")
-        if not self.active:
-            return
-        averaged = set(ema.names)
-        jobs: list[_Job] = []
-        for std, gamma in zip(ema.stds, ema.gammas, strict=True):
-            state = ema.profile_state_dict(std)
-            copied = tuple(n for n in state if n not in averaged)
-            jobs.append((state, ema.t, std, gamma, copied, step))
-        self._queue.put(jobs)
+        if self.active:
+            averaged = set(ema.names)
+            jobs: list[_Job] = []
+            for std, gamma in zip(ema.stds, ema.gammas, strict=True):
+                state = ema.profile_state_dict(std)
+                copied = tuple(n for n in state if n not in averaged)
+                jobs.append((state, ema.t, std, gamma, copied, step))
+            self._queue.put(jobs)
+        self._raise_failures()
 
     def _run(self) -> None:
         while True:
             jobs = self._queue.get()
             if jobs is None:
-                if self._error is None:
-                    try:
-                        self.store.flush()  # publish what a Hub store still holds back
-                    except BaseException as exc:
-                        self._error = exc
+                try:
+                    self.store.flush()  # publish what a Hub store still holds back
+                except BaseException as exc:
+                    self._fail(f"{self.store.url} (files waiting for a Hub commit)", exc)
                 return
-            if self._error is not None:
-                continue  # drop work after a failure; it is reported by save/close
-            try:
-                for state, t, std, gamma, copied, step in jobs:
+            for state, t, std, gamma, copied, step in jobs:
+                try:
                     cpu = {
                         n: v.to(self.dtype if self.dtype and v.is_floating_point() else v.dtype)
                         .to("cpu")
@@ -117,13 +127,25 @@ class SnapshotWriter:
                         copied=copied,
                     )
                     self.written.append(path)
-            except BaseException as exc:  # handed to the training thread by save()/close()
-                self._error = exc
+                except BaseException as exc:  # reported by save()/close(); later jobs go on
+                    name = f"{self.store.url.rstrip('/')}/{snapshot_name(t, std)}"
+                    self._fail(f"{name} (t={t:g}, std={std:g}, step={step})", exc)
 
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            exc, self._error = self._error, None
-            raise StorageError(f"writing a snapshot to {self.store.url} failed: {exc}") from exc
+    def _fail(self, what: str, exc: BaseException) -> None:
+        with self._lock:
+            self._failures.append((what, exc))
+
+    def _raise_failures(self) -> None:
+        with self._lock:
+            failures, self._failures = self._failures, []
+        if not failures:
+            return
+        lines = "; ".join(f"{what}: {exc}" for what, exc in failures)
+        plural = "s" if len(failures) > 1 else ""
+        raise StorageError(
+            f"{len(failures)} snapshot{plural} could not be written ({lines}); "
+            "the writer goes on with the others"
+        ) from failures[0][1]
 
     def close(self) -> None:
         """Wait for every queued snapshot to be written; raise the first failure."""
@@ -132,7 +154,7 @@ class SnapshotWriter:
             if self.active:
                 self._queue.put(None)
                 self._thread.join()
-        self._raise_error()
+        self._raise_failures()
 
     def __enter__(self) -> SnapshotWriter:
         return self

@@ -63,6 +63,16 @@ _CREDENTIAL_HINTS = {
 }
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__
+    return seen
+
+
 def main() -> None:
     """Console-script entry: phema and I/O errors become one line on stderr and exit 1.
 
@@ -73,7 +83,14 @@ def main() -> None:
         app()
     except Exception as exc:
         known = isinstance(exc, phema.PhemaError | OSError)
-        hint = _CREDENTIAL_HINTS.get(type(exc).__name__)
+        hint = next(
+            (
+                _CREDENTIAL_HINTS[type(e).__name__]
+                for e in _chain(exc)
+                if type(e).__name__ in _CREDENTIAL_HINTS
+            ),
+            None,
+        )
         if os.environ.get("PHEMA_DEBUG") or not (known or hint):
             raise
         err_console.print(f"[bold red]error:[/] {exc}{hint or ''}", highlight=False)

@@ -64,15 +64,21 @@ def test_pending_files_are_not_listed(fake_hub, hub_repo):
     assert [i.t for i in SnapshotStore(url).list()] == [1.0]
 
 
-def test_failed_commit_publishes_nothing_and_surfaces(fake_hub, hub_repo):
+def test_failed_commit_publishes_nothing_surfaces_and_later_saves_go_on(fake_hub, hub_repo):
     url = f"{hub_repo}/snapshots"
     store = SnapshotStore(url, hub_batch_files=4)
     SnapshotStore(url).hub._target()  # create the repository first
     fake_hub.fail_commits = 1
+    run = _run(store, saves=3)
     with pytest.raises(StorageError, match=r"committing 4 file\(s\) to hf://.* failed, none was"):
-        for _ in _run(store, saves=3):
+        for _ in run:
             pass
-    assert _repo(fake_hub, url).files == {}
+    run.close()  # the loop's `with SnapshotWriter` closes: the last snapshot is committed
+    # The failed commit's 4 files (t=16, 32) are absent; the snapshot after them is whole.
+    assert sorted(_repo(fake_hub, url).files) == [
+        "snapshots/phema-000000000048-0.0500.safetensors",
+        "snapshots/phema-000000000048-0.1000.safetensors",
+    ]
     assert store.hub.pending == []
     spool = store.hub._spool
     assert spool is None or os.listdir(spool) == []  # spooled copies are cleaned up

@@ -1,0 +1,148 @@
+"""S3 (s3fs): uploads committed with ``If-None-Match: *``, reads pinned by ``If-Match: <ETag>``.
+
+A staged file is an s3fs multipart upload that is not completed (``autocommit=False``):
+its parts go up while it is written, nothing is visible. Publishing completes it, with
+``If-None-Match: *`` unless ``overwrite``: S3 (and servers that implement conditional
+writes) refuses the completion when the key exists, so of two racing writers exactly
+one wins. A failed or discarded upload is aborted (best effort: a server that is gone
+cannot be told; an ``AbortIncompleteMultipartUpload`` lifecycle rule on the bucket
+removes such parts). With ``overwrite``, a file about to be replaced is first copied to
+a hidden backup key so that a failure later in the same publish can restore it.
+
+Reads are ranged ``GetObject`` calls with ``If-Match`` on the ETag seen when the header
+was read, so a replaced object fails the read (HTTP 412) instead of mixing versions.
+
+The store's filesystem is its own instance (never shared through fsspec's instance
+cache, so no transaction or cache state leaks between stores or into the user's own
+fsspec use) with timeouts and bounded retries (:func:`s3_options`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fsspec.asyn import sync
+
+from phema._backends import Backend, Head, Staged, _Undo
+
+
+def s3_options(options: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``options`` with phema's defaults for a store: its own instance, timeouts, retries.
+
+    Every request gives up after ``timeout`` seconds without progress (connecting or
+    waiting for the answer). botocore's own retries are turned off so that they do not
+    multiply s3fs's (the store sets ``fs.retries``). The caller's ``config_kwargs`` win.
+    """
+    out = dict(options)
+    out.setdefault("skip_instance_cache", True)
+    config = {
+        "connect_timeout": timeout,
+        "read_timeout": timeout,
+        "retries": {"max_attempts": 1, "mode": "standard"},
+    }
+    config.update(out.get("config_kwargs") or {})
+    out["config_kwargs"] = config
+    return out
+
+
+def _is_precondition(exc: BaseException) -> bool:
+    return "pre-condition" in str(exc) or "PreconditionFailed" in str(exc)
+
+
+class S3Backend(Backend):
+    """A prefix of an S3 bucket."""
+
+    def _split(self, path: str) -> tuple[str, str]:
+        bucket, key, _ = self.fs.split_path(path)
+        return bucket, key
+
+    def stage(self, name: str, path: str, overwrite: bool) -> Staged:
+        mode = "wb" if overwrite else "xb"
+        return Staged(name, path, self.fs.open(path, mode, autocommit=False))
+
+    def _seal(self, s: Staged) -> None:
+        if not s.file.closed:
+            s.file.close()  # uploads the last part; the upload stays open
+
+    def _publish_one(self, s: Staged, overwrite: bool) -> _Undo:
+        backup = None
+        if overwrite and self.exists(s.path):
+            backup = f"{s.path.rsplit('/', 1)[0]}/.{s.name}.tmp-{uuid.uuid4().hex}"
+            self.fs.copy(s.path, backup)
+        try:
+            s.file.commit()  # type: ignore[attr-defined]
+        except FileExistsError:
+            raise self.exists_error(s) from None
+        except BaseException:
+            if backup is not None:
+                self.fs.rm_file(backup)
+            raise
+        return _Undo(s, backup)
+
+    def _discard_one(self, s: Staged) -> None:
+        try:
+            s.file.discard()  # type: ignore[attr-defined]  # aborts the multipart upload
+        finally:
+            s.file.closed = True  # type: ignore[misc]  # nothing left to flush
+
+    def _undo(self, undo: _Undo) -> None:
+        if undo.backup is not None:
+            self.fs.copy(undo.backup, undo.staged.path)
+            self.fs.rm_file(undo.backup)
+        else:
+            self.fs.rm_file(undo.staged.path)
+
+    def _finish(self, undo: _Undo) -> None:
+        if undo.backup is not None:
+            self.fs.rm_file(undo.backup)
+
+    def _get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, str, int]:
+        """Bytes ``[start, end)``, the object's ETag and its full size, in one GET."""
+        bucket, key = self._split(path)
+        match = {"IfMatch": etag} if etag else {}
+
+        async def get() -> tuple[bytes, str, int]:
+            resp = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **match
+            )
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            total = str(resp.get("ContentRange", "")).rsplit("/", 1)[-1]
+            size = int(total) if total.isdigit() else len(data)
+            return bytes(data), str(resp.get("ETag", "")), size
+
+        try:
+            got: tuple[bytes, str, int] = sync(self.fs.loop, get)
+            return got
+        except OSError as exc:
+            if etag and _is_precondition(exc):
+                raise self.changed(path) from None
+            raise
+
+    def identity_of(self, path: str) -> tuple[int, str]:
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+        info = self.fs.info(path)
+        return int(info["size"]), str(info["ETag"])
+
+    def head(self, path: str, want: int) -> Head:
+        if want <= 0:
+            size, etag = self.identity_of(path)
+            return Head(b"", size, etag)
+        try:
+            data, etag, size = self._get(path, 0, want, None)
+        except OSError as exc:
+            if "Range" not in str(exc):
+                raise
+            size, etag = self.identity_of(path)  # an empty object has no byte 0
+            return Head(b"", size, etag)
+        return Head(data, size, etag)
+
+    def read_into(self, path: str, start: int, out: memoryview, identity: str) -> None:
+        data, _, _ = self._get(path, start, start + len(out), identity)
+        if len(data) != len(out):
+            raise self.truncated(path, start, start + len(out), len(data))
+        out[:] = data
