@@ -199,15 +199,15 @@ def counting_store(url: str) -> tuple[phema.SnapshotStore, list[int]]:
     count = [0]
     inner = store.read_range
 
-    def read_range(path: str, start: int, end: int) -> bytes:
-        data = inner(path, start, end)
+    def read_range(path: str, start: int, end: int, identity: str | None = None) -> bytes:
+        data = inner(path, start, end, identity)
         count[0] += len(data)
         return data
 
     inner_into = store.read_into
 
-    def read_into(path: str, start: int, out: memoryview) -> None:
-        inner_into(path, start, out)
+    def read_into(path: str, start: int, out: memoryview, identity: str | None = None) -> None:
+        inner_into(path, start, out, identity)
         count[0] += len(out)
 
     store.read_range = read_range  # type: ignore[method-assign]

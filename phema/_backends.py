@@ -190,8 +190,18 @@ class MemoryBackend(Backend):
                 for s in staged:
                     if self.fs.exists(s.path):
                         raise self.exists_error(s)
-            for s in staged:
-                self.fs.pipe_file(s.path, s.token)
+            keys = [self.fs._strip_protocol(s.path) for s in staged]
+            before = {k: self.fs.store.get(k) for k in keys}
+            try:
+                for s in staged:
+                    self.fs.pipe_file(s.path, s.token)
+            except BaseException:
+                for k, old in before.items():  # put back what was there
+                    if old is None:
+                        self.fs.store.pop(k, None)
+                    else:
+                        self.fs.store[k] = old
+                raise
 
     def _discard_one(self, s: Staged) -> None:
         s.file.close()

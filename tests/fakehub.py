@@ -32,6 +32,11 @@ _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(
 class Repo:
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[dict[str, object]] = field(default_factory=list)
+    history: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> files
+
+    def at(self, revision: str | None) -> dict[str, bytes]:
+        """The files at a commit sha; the branch head for any other revision."""
+        return self.history.get(revision or "", self.files)
 
     @property
     def sha(self) -> str:
@@ -120,7 +125,7 @@ def make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             path, query = unquote(url.path), parse_qs(url.query)
             if m := _RESOLVE.match(path):
-                return self._resolve(m.group(1) or "models", m.group(2), m.group(4))
+                return self._resolve(m.group(1) or "models", m.group(2), m.group(4), m.group(3))
             m = _API.match(path)
             if not m:
                 return self._missing("EntryNotFound")
@@ -140,17 +145,18 @@ def make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 )
             if verb == "tree":
                 prefix = (rest or "").strip("/")
-                if prefix and prefix not in {e["path"] for e in _entries(repo, "", True)}:
+                pinned = Repo(files=repo.at(unquote(_rev or "")))
+                if prefix and prefix not in {e["path"] for e in _entries(pinned, "", True)}:
                     return self._missing("EntryNotFound")
                 recursive = query.get("recursive", ["False"])[0].lower() == "true"
-                return self._json(200, _entries(repo, prefix, recursive))
+                return self._json(200, _entries(pinned, prefix, recursive))
             return self._missing("EntryNotFound")
 
-        def _resolve(self, kind: str, repo_id: str, path: str) -> None:
+        def _resolve(self, kind: str, repo_id: str, path: str, revision: str) -> None:
             repo = hub.repo(kind, repo_id)
             if repo is None:
                 return self._missing()
-            data = repo.files.get(path)
+            data = repo.at(unquote(revision)).get(path)
             if data is None:
                 return self._missing("EntryNotFound")
             headers = {
@@ -232,6 +238,7 @@ def make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 repo.commits.append(
                     {"oid": oid, "summary": header.get("summary"), "files": sorted(added)}
                 )
+                repo.history[oid] = dict(repo.files)
             prefix = "" if kind == "models" else f"{kind}/"
             return self._json(
                 200,
