@@ -193,9 +193,19 @@ def test_writers_in_threads_beside_user_fsspec_writes_on_s3(s3_bucket):
 
 _PROC_WRITER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
+    import s3fs
     from phema.store import SnapshotStore
     sys.path.insert(0, sys.argv[4])
+
+    def widen(publish):  # hold every racer inside its publish step at the same time
+        def slow(*args, **kwargs):
+            time.sleep(0.5)
+            return publish(*args, **kwargs)
+        return slow
+
+    os.link, os.replace = widen(os.link), widen(os.replace)
+    s3fs.core.S3File.commit = widen(s3fs.core.S3File.commit)
     from test_store_integrity import _snapshot_bytes
     url, name, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     start_at = float(sys.argv[5])
@@ -215,7 +225,10 @@ _PROC_WRITER = textwrap.dedent(
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_processes_racing_for_one_name_exactly_one_wins(backend, tmp_path, request):
     # Nothing lost or overwritten: exactly one process reports success, the file holds
-    # that process's bytes, the others get a clear error naming the file.
+    # that process's bytes, the others get a clear error naming the file. The racers
+    # start together and each waits 0.5 s right before its publishing call (link,
+    # rename or S3 completion), so all of them are past any existence check at once: a
+    # check-then-replace publish fails this test (verified), a no-replace one cannot.
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=REPO)
     if backend == "s3":
