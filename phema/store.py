@@ -180,10 +180,11 @@ class SnapshotStore:
         hub_batch_files: Hub only: commit once this many files are pending.
         hub_batch_seconds: Hub only: commit on the next write once the oldest
             pending file is this many seconds old.
-        timeout: S3 only: seconds a request may wait (to connect, or for an answer)
-            before it fails and is retried.
-        retries: S3 only: tries of a request in all (with backoff), so a stalled
-            server fails after about ``timeout * retries`` seconds.
+        timeout: S3 only: seconds a request may wait to connect, and again for each
+            part of its answer, before it fails and is retried.
+        retries: S3 only: tries of a request in all (with backoff). A stalled server
+            (accepting connections, answering nothing) fails an operation after about
+            ``2 * timeout * retries`` seconds: 30 s with the defaults.
         **storage_options: Passed to :func:`fsspec.url_to_fs` (credentials, endpoint).
             The store gets its own filesystem instance unless ``skip_instance_cache``
             is given, so that no state is shared with other stores or fsspec users.
@@ -195,7 +196,7 @@ class SnapshotStore:
         *,
         hub_batch_files: int = 32,
         hub_batch_seconds: float = 300.0,
-        timeout: float = 10.0,
+        timeout: float = 5.0,
         retries: int = 3,
         **storage_options: Any,
     ) -> None:
@@ -426,15 +427,21 @@ class SnapshotStore:
         try:
             root = self.backend.pin(self.root)
             self.fs.invalidate_cache(root)  # see files other processes wrote since
-            if not self.fs.isdir(root):
-                raise StorageError(f"{self.url} does not exist or is not a folder of snapshots")
-            entries = self.fs.ls(root, detail=True)
-        except (FileNotFoundError, PermissionError) as exc:
+            entries = self.fs.ls(root, detail=True)  # one request first: fails fast if stalled
+        except FileNotFoundError:
+            raise StorageError(
+                f"{self.url} does not exist or is not a folder of snapshots"
+            ) from None
+        except PermissionError as exc:
             raise StorageError(f"cannot list {self.url}: {exc}") from exc
         except PhemaError:
             raise
         except Exception as exc:
             raise StorageError(f"cannot list {self.url}: {type(exc).__name__}: {exc}") from exc
+        if [str(e["name"]).rstrip("/") for e in entries] == [root.rstrip("/")] and (
+            entries[0].get("type") == "file"
+        ):
+            raise StorageError(f"{self.url} is a file, not a folder of snapshots")
         for entry in entries:
             path = str(entry["name"])
             name = os.path.basename(path.rstrip("/"))
