@@ -192,9 +192,7 @@ class HubBatch:
                     ]
                     if conflicts and whole:
                         raise self._conflict(conflicts, published=False)
-                    ops = [
-                        op for n, op in batch if n in replace or op.path_in_repo not in present
-                    ]
+                    ops = [op for n, op in batch if n in replace or op.path_in_repo not in present]
                 if not ops:
                     break
                 try:

@@ -102,7 +102,7 @@ def test_same_snapshot_again_is_accepted_other_bytes_are_refused(store_url):
 
 
 def test_background_failure_surfaces_at_next_save_and_later_saves_go_on(tmp_path, monkeypatch):
-    net, ema = _trained_ema()
+    _, ema = _trained_ema()
     writer = SnapshotWriter(str(tmp_path))
 
     def boom(*args, **kwargs):
