@@ -6,6 +6,8 @@ training with the float64 least-squares solver in :mod:`phema.solver`.
 """
 
 from phema.errors import (
+    ChangedError,
+    ExistsError,
     FormatError,
     IllPosedWarning,
     OptionError,
@@ -36,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "STD_MAX",
     "BufferPolicy",
+    "ChangedError",
+    "ExistsError",
     "ExponentialProfile",
     "Fit",
     "FormatError",

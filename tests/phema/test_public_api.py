@@ -7,6 +7,8 @@ import phema
 
 EXPECTED = {
     "STD_MAX",
+    "ChangedError",
+    "ExistsError",
     "BufferPolicy",
     "ExponentialProfile",
     "Fit",
@@ -53,6 +55,9 @@ def test_errors_are_also_builtins():
     assert issubclass(phema.TrackingError, RuntimeError)
     assert issubclass(phema.FormatError, ValueError)
     assert issubclass(phema.StorageError, OSError)
+    assert issubclass(phema.ExistsError, FileExistsError)
+    assert issubclass(phema.ExistsError, phema.StorageError)
+    assert issubclass(phema.ChangedError, phema.StorageError)
     for cls in (
         phema.FormatError,
         phema.ProfileError,
