@@ -136,17 +136,21 @@ class HubBatch:
         if due and not defer:
             self.commit()
 
-    def head(self) -> str:
-        """The commit the branch points at now."""
-        where = self._target()
+    def head(self, where: Any = None) -> str:
+        """The commit the branch points at now (of ``where``, a resolved path; default: ours)."""
+        where = where or self._target()
+        if self._api is None:
+            from huggingface_hub import HfApi
+
+            self._api = HfApi(endpoint=self.fs.endpoint, token=self.fs.token)
         info = self._api.repo_info(
             where.repo_id, repo_type=where.repo_type, revision=where.revision
         )
         return str(info.sha)
 
-    def pinned(self, path_in_repo: str, sha: str) -> str:
+    def pinned(self, path_in_repo: str, sha: str, where: Any = None) -> str:
         """``path_in_repo`` at commit ``sha``, as ``HfFileSystem`` spells it (immutable)."""
-        where = self._target()
+        where = where or self._target()
         prefix = "" if where.repo_type == "model" else f"{where.repo_type}s/"
         return f"{prefix}{where.repo_id}@{sha}/{path_in_repo}".rstrip("/")
 
@@ -276,13 +280,12 @@ class HubBackend(Backend):
             return False  # the repository does not exist yet
 
     def pin(self, root: str) -> str:
-        """``root`` at the current head commit."""
+        """``root`` at the current head commit (never creates the repository)."""
         try:
-            sha = self.batch.head()
-        except Exception:
-            return root  # no repository yet: listing reports it
-        where = self.fs.resolve_path(root)
-        return self.batch.pinned(where.path_in_repo, sha)
+            where = self.fs.resolve_path(root)
+        except FileNotFoundError:
+            return root  # no repository: listing reports it
+        return self.batch.pinned(where.path_in_repo, self.batch.head(where), where)
 
     def stage(self, name: str, path: str, overwrite: bool) -> Staged:
         """A local spool file, committed by :meth:`publish`."""

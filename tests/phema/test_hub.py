@@ -127,3 +127,14 @@ def test_live_hub():
         api.delete_repo(repo_id, missing_ok=True)
         if saved is not None:
             fsspec.config.conf["hf"] = saved
+
+
+def test_listing_a_missing_repository_does_not_create_it(fake_hub, hub_repo):
+    with pytest.raises(StorageError, match="does not exist"):
+        SnapshotStore(f"{hub_repo}/run").list()
+    assert _repo_or_none(fake_hub, hub_repo) is None
+
+
+def _repo_or_none(fake_hub, url):
+    owner, name = url.removeprefix("hf://").split("/")[:2]
+    return fake_hub.repos.get(("model", f"{owner}/{name}"))
