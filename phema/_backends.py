@@ -79,6 +79,8 @@ class Backend:
         return bool(self.fs.exists(path))
 
     def stage(self, name: str, path: str, overwrite: bool) -> Staged:
+        with contextlib.suppress(Exception):  # folders exist on some filesystems only
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         return Staged(name, path, self.fs.open(path, "wb", autocommit=False))
 
     def publish(self, staged: Sequence[Staged], overwrite: bool) -> None:
