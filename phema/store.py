@@ -44,7 +44,6 @@ import json
 import math
 import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ import torch
 from torch import Tensor
 
 from phema._backends import Backend, Staged, backend_for, protocols
+from phema._local import fsync_dir, link_noreplace, temp_name
 from phema._s3 import s3_options
 from phema.errors import (
     ExistsError,
@@ -512,20 +512,31 @@ class SnapshotStore:
 
 
 @contextmanager
-def atomic_write(path: str) -> Iterator[IO[bytes]]:
+def atomic_write(path: str, *, overwrite: bool = True) -> Iterator[IO[bytes]]:
     """A local file at ``path`` that appears whole, or not at all.
 
     Writes go to a hidden ``.<name>.tmp-<uuid>`` beside ``path``, which is synced and
     renamed over ``path`` when the block ends without error, and removed otherwise.
+    With ``overwrite=False`` it is linked to ``path`` instead, which fails with
+    :class:`~phema.errors.ExistsError` when ``path`` exists, also under races.
     """
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(folder, temp_name(name))
     try:
         with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                link_noreplace(tmp, path)
+            except FileExistsError:
+                raise ExistsError(
+                    f"{path} exists; it is never overwritten without being asked"
+                ) from None
+        fsync_dir(folder or ".")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

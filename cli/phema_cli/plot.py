@@ -49,7 +49,7 @@ def save_plan_plot(the_plan: Plan, path: str, *, overwrite: bool = False, num: i
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
-        with atomic_write(path) as f:
+        with atomic_write(path, overwrite=overwrite) as f:  # never replaces, even racing
             fig.savefig(f, format="png")
     finally:
         plt.close(fig)
