@@ -9,9 +9,17 @@ pending file. A Hub commit is atomic, so a snapshot is listed completely or not 
 all; a failed commit raises :class:`~phema.errors.StorageError` naming the files it
 did not publish.
 
-The repository is created (private) on the first write when it does not exist.
-Reads go through ``HfFileSystem`` with exact HTTP ranges (see
-:meth:`phema.store.SnapshotStore.read_range`).
+Commits never replace a file unless asked: each names the branch head it was checked
+against (``parent_commit``), so a commit that lands meanwhile makes it fail and it is
+checked again and retried. A pending file whose name exists at that head is left out
+of the commit: accepted when its bytes are the same (a resumed run), reported as
+:class:`~phema.errors.ExistsError` otherwise. Since files are committed in batches,
+that error surfaces at the commit (the next due write, or :meth:`HubBatch.commit`).
+
+The repository is created (private) on the first write when it does not exist, never
+by a read. Listing pins every read to the head commit it saw (:class:`HubBackend`), so
+a listing and the reads after it see one version of the folder. Reads go through
+``HfFileSystem`` with exact HTTP ranges.
 """
 
 from __future__ import annotations
