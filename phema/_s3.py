@@ -25,6 +25,7 @@ from typing import Any
 from fsspec.asyn import sync
 
 from phema._backends import Backend, Head, Staged, _Undo
+from phema.errors import StorageError
 
 
 def s3_options(options: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -121,7 +122,17 @@ class S3Backend(Backend):
         except OSError as exc:
             if etag and _is_precondition(exc):
                 raise self.changed(path) from None
-            raise
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise self.failed(path, exc) from exc
+        except Exception as exc:  # botocore/aiohttp errors that s3fs did not translate
+            raise self.failed(path, exc) from exc
+
+    def failed(self, path: str, exc: BaseException) -> StorageError:
+        return StorageError(
+            f"reading {self.where(path)} failed (after {self.fs.retries} tries): "
+            f"{type(exc).__name__}: {exc}"
+        )
 
     def identity_of(self, path: str) -> tuple[int, str]:
         self.fs.invalidate_cache(path.rsplit("/", 1)[0])

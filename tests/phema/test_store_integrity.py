@@ -630,8 +630,12 @@ _MOTO = textwrap.dedent(
 
 
 @pytest.fixture
-def frozen_s3(s3_endpoint):
-    """A moto server in its own process, with one bucket and one snapshot, then frozen."""
+def moto_process(s3_endpoint):
+    """A moto server in its own process (so it can be frozen), with a bucket of 2 snapshots.
+
+    Yields ``(endpoint, store url, freeze)``; ``freeze()`` SIGSTOPs the server: it keeps
+    accepting connections and answers nothing, as a stalled endpoint does.
+    """
     server = subprocess.Popen(
         [sys.executable, "-c", _MOTO], stdout=subprocess.PIPE, text=True, env=dict(os.environ)
     )
@@ -642,12 +646,18 @@ def frozen_s3(s3_endpoint):
         store.fs.mkdir(bucket)
         store.write("phema-000000000064-0.0500.safetensors", _snapshot_bytes(0))
         store.write("phema-000000000128-0.0500.safetensors", _snapshot_bytes(1, t=128.0))
-        os.kill(server.pid, signal.SIGSTOP)
-        yield endpoint, f"s3://{bucket}/run"
+        yield endpoint, f"s3://{bucket}/run", lambda: os.kill(server.pid, signal.SIGSTOP)
     finally:
         os.kill(server.pid, signal.SIGCONT)
         server.kill()
         server.wait()
+
+
+@pytest.fixture
+def frozen_s3(moto_process):
+    endpoint, url, freeze = moto_process
+    freeze()
+    return endpoint, url
 
 
 def test_stalled_s3_server_fails_ls_in_well_under_a_minute(frozen_s3):
@@ -683,3 +693,19 @@ def test_stalled_s3_server_fails_writes_and_reconstruct_with_named_errors(frozen
         reconstruct(SnapshotStore(url, **opts), [0.07], str(tmp_path / "out"))
     assert time.monotonic() - start < 40
     assert not (tmp_path / "out").exists()
+
+
+def test_s3_server_stalling_mid_reconstruct_fails_it_with_a_named_error(moto_process, tmp_path):
+    # The plan is made, then the server freezes: the pass fails within the retry bound
+    # with an error naming a snapshot, and no output appears.
+    endpoint, url, freeze = moto_process
+    src = SnapshotStore(url, endpoint_url=endpoint, timeout=1.0, retries=2)
+    the_plan = plan(src, [0.05], at=128.0)
+    freeze()
+    start = time.monotonic()
+    with pytest.raises(
+        StorageError, match=r"reading s3://.*/phema-\d{12}-0\.0500\.safetensors failed"
+    ):
+        write_plan(the_plan, src, str(tmp_path / "out"))
+    assert time.monotonic() - start < 40  # a bound on a hang: 2 tries of up to 2 x 1 s
+    assert _outputs(str(tmp_path / "out")) == {}
