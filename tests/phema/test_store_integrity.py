@@ -272,25 +272,39 @@ def test_processes_racing_for_one_name_exactly_one_wins(backend, tmp_path, reque
         assert _uploads(SnapshotStore(url)) == []
 
 
-def test_processes_writing_one_store_at_once_lose_nothing(s3_endpoint, s3_bucket):
-    # Three processes each write 6 snapshots (distinct names) into one S3 store at once.
-    url = f"{s3_bucket}/run"
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_processes_writing_one_store_at_once_lose_nothing(backend, tmp_path, request):
+    # Three processes each write 6 snapshots (distinct names) into one store at once,
+    # each interleaving its own fsspec writes beside them. Nothing lost: all 18
+    # snapshots and all 18 user files are there with their bytes.
+    import fsspec
+
+    if backend == "s3":
+        base = request.getfixturevalue("s3_bucket")
+        env = _s3_env(request.getfixturevalue("s3_endpoint"))
+    else:
+        base, env = str(tmp_path), dict(os.environ, PYTHONPATH=REPO)
+    url = f"{base}/run"
     script = textwrap.dedent(
         """
         import sys
+        import fsspec
         from phema.store import SnapshotStore
-        sys.path.insert(0, sys.argv[3])
+        sys.path.insert(0, sys.argv[4])
         from test_store_integrity import _snapshot_bytes
-        store, k = SnapshotStore(sys.argv[1]), int(sys.argv[2])
+        store, k, base = SnapshotStore(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
         for i in range(6):
-            store.write(f"phema-{100 * k + i:012d}-0.0500.safetensors", _snapshot_bytes(100 * k + i))
+            n = 100 * k + i
+            store.write(f"phema-{n:012d}-0.0500.safetensors", _snapshot_bytes(n))
+            with fsspec.open(f"{base}/user/{n}.txt", "wb", auto_mkdir=True) as f:
+                f.write(str(n).encode() * 500)
         """
     )
     here = os.path.dirname(os.path.abspath(__file__))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, url, str(k), here],
-            env=_s3_env(s3_endpoint),
+            [sys.executable, "-c", script, url, str(k), base, here],
+            env=env,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -299,10 +313,13 @@ def test_processes_writing_one_store_at_once_lose_nothing(s3_endpoint, s3_bucket
     for p in procs:
         assert p.wait(timeout=180) == 0, p.stderr.read()
     store = SnapshotStore(url)
+    fs, _ = fsspec.url_to_fs(base, skip_instance_cache=True)
     for k in range(3):
         for i in range(6):
-            name = f"phema-{100 * k + i:012d}-0.0500.safetensors"
-            assert store.fs.cat_file(store.path_of(name)) == _snapshot_bytes(100 * k + i)
+            n = 100 * k + i
+            name = f"phema-{n:012d}-0.0500.safetensors"
+            assert store.backend.read_all(store.path_of(name)) == _snapshot_bytes(n)
+            assert fs.cat_file(f"{base}/user/{n}.txt") == str(n).encode() * 500
     assert len(store.list()) == 18
 
 
