@@ -12,41 +12,54 @@ order:
 * **Reconstruction reads** (``reconstruct`` section): one
   :func:`phema.reconstruct.write_plan` pass (8 output stds, fp16 outputs, the default
   2 MiB window, 8 reads in flight, 1 torch thread) over fp16 snapshots of the
-  synthetic model of ``ema_update.py``, from the same plan, with two source stores:
+  synthetic model of ``ema_update.py``, from one plan, with two source stores:
   ``checked`` (a plain :class:`phema.SnapshotStore`: every read names
   ``inputs[r].identity``) and ``unchecked`` (a subclass whose ``read_into`` ignores the
   identity: one ``os.preadv`` loop locally, ``fs.cat_file(path, start=, end=)`` on
   S3). On S3 a third store, ``unchecked_phema_get``, sends phema's own ranged GET
-  without ``If-Match``: the same code path as ``checked`` less the header. Outputs
-  go to a tmpfs folder (``/dev/shm`` when there is one) so that the disk's write-back
-  noise does not hide the reads' cost; every output of every run must be
-  byte-identical to the first (sha256), or the script fails. Local snapshots are
-  read warm (page cache); on S3 they live in a moto ``ThreadedMotoServer`` that this
-  script starts on 127.0.0.1 (port 0, fake credentials).
+  without ``If-Match``: the code path of ``checked`` less the header. Outputs go to a
+  tmpfs folder (``/dev/shm`` when there is one) so that the disk's write-back noise
+  does not hide the reads' cost; every output of every run must be byte-identical to
+  the first run's (sha256), or the script fails. Local snapshots are read warm (page
+  cache); on S3 they live in a moto ``ThreadedMotoServer`` that this script starts on
+  127.0.0.1 (port 0, fake credentials). A *read probe* then times single reads
+  through each store (one window, and locally also 4 KiB) to give the check's own
+  cost per read, which a whole pass cannot resolve on a busy machine;
+  ``probe_ratio_bound`` adds that cost (+ 2 standard errors) for every read of a pass
+  to the unchecked pass's time.
 * **Snapshot writes** (``save`` and ``write`` sections):
   ``SnapshotWriter.save(ema)`` on the training thread (2 profiles, with an empty
   queue; the background write is drained, untimed, before the next call) against
-  the copies it makes (``ema.profile_state_dict(std)`` per profile); and the
+  the training-thread code of ``save`` at 703f5cc (run on the same writer) and
+  against the copies it makes (``ema.profile_state_dict(std)`` per profile); and the
   background write of one serialised fp16 snapshot file: ``SnapshotStore.write``
   (staged, no-replace publish, folder ``fsync``) against the old way,
-  ``phema.store.atomic_write`` (temporary file, ``fsync``, ``os.replace``), locally,
-  and on S3 ``SnapshotStore.write`` against ``fs.pipe_file`` (one ``PutObject`` below
-  100 MiB) on another s3fs instance, and ``fs.pipe_file(mode="create")`` (one
-  ``PutObject`` with ``If-None-Match: *``). Every write has a fresh name (a store
-  never overwrites) and the file is deleted, untimed, after it; locally ``os.sync()``
-  runs, untimed, before each timed write.
+  ``phema.store.atomic_write`` as it was up to 190d9f8 (temporary file, ``fsync``,
+  ``os.replace``; copied into this script, as the library's has since changed), and
+  the old way plus a folder ``fsync``, locally; on S3 ``SnapshotStore.write`` against
+  ``fs.pipe_file`` (one ``PutObject`` below 100 MiB) on another s3fs instance,
+  ``fs.pipe_file(mode="create")`` (one ``PutObject`` with ``If-None-Match: *``) and the
+  store's write before (``with fs.transaction: fs.open(path, "wb")``, a multipart
+  upload). Every write has a fresh name (a store never overwrites) and the file is
+  deleted, untimed, after it; locally ``os.sync()`` runs, untimed, before each write.
+  Files under 16 MiB get 3x the rounds (their times vary most).
+
+Ratios are taken per round between adjacent runs (so that drift of the machine
+cancels) and summarised by their median, with a standard error from the median
+absolute deviation; the ratio of the medians is printed beside it. A target counts
+as met (or missed) only when the ratio is more than 2 standard errors from it;
+otherwise the verdict is ``null``: not resolved, run more rounds.
 
 Targets (the summary line): checked reads keep >= 0.95 of the unchecked throughput;
 a local snapshot write costs at most 1.05x the old write, ``save`` at most 1.05x its
-copies. S3 write figures are reported without a target (a multipart upload completed
-conditionally takes 3 requests where a small file takes one ``PutObject``).
+code at 703f5cc. S3 write figures are reported without a target.
 
 Output: JSON lines on stdout only (one per figure), ending with a summary line.
 
 Run::
 
-    python3 benchmarks/store_integrity.py > store_integrity.jsonl   # full run, ~3 min on 2 cores
-    python3 benchmarks/store_integrity.py --quick                   # ~2M parameters, < 1 min
+    python3 benchmarks/store_integrity.py > store_integrity.jsonl   # full run, ~3.5 min on 2 cores
+    python3 benchmarks/store_integrity.py --quick                   # ~2M parameters, ~25 s
 """
 
 from __future__ import annotations
@@ -61,9 +74,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -89,17 +103,86 @@ from phema._local import fsync_dir
 from phema.errors import ChangedError
 from phema.format import serialize
 from phema.reconstruct import WINDOW_BYTES, Plan, plan, write_plan
-from phema.store import atomic_write, snapshot_metadata, snapshot_name
+from phema.store import snapshot_metadata, snapshot_name
 
 BENCH = "store_integrity"
 #: Checked reads must keep at least this share of the unchecked throughput.
 TARGET_READ_RATIO = 0.95
 #: A local write (and ``save`` on the training thread) may cost at most this much more.
 TARGET_WRITE_RATIO = 1.05
+#: Size of the small reads of the local read probe.
+SMALL_READ = 4096
+#: Files smaller than this get 3x the write rounds.
+SMALL_FILE = 16 << 20
 #: How long to wait for the writer thread to drain before giving up.
 DRAIN_TIMEOUT_S = 300.0
 #: Snapshot times of the timed writes: every write gets a name never used before.
 _NAMES = itertools.count(1)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def rotating(variants: list[str], rounds: int) -> list[tuple[int, str]]:
+    """``(round, variant)`` in the order they run: each round starts one variant later."""
+    order = []
+    for r in range(rounds):
+        shift = r % len(variants)
+        order += [(r, v) for v in variants[shift:] + variants[:shift]]
+    return order
+
+
+def median_se(values: list[float]) -> float | None:
+    """Standard error of the median of ``values``, from their median absolute deviation.
+
+    ``1.4826 * MAD`` estimates the standard deviation robustly (one disturbed round
+    does not inflate it); the median of ``n`` normal samples has a standard error of
+    ``1.2533 * sigma / sqrt(n)`` (as in ``train_throughput.py``). ``None`` below 2 values.
+    """
+    if len(values) < 2:
+        return None
+    mid = statistics.median(values)
+    mad = statistics.median(abs(v - mid) for v in values)
+    return 1.4826 * 1.2533 * mad / len(values) ** 0.5
+
+
+def paired(num: list[float], den: list[float]) -> dict[str, Any]:
+    """``num[r] / den[r]`` per round (adjacent runs, so drift cancels), summarised."""
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
+    return {
+        "median": statistics.median(ratios),
+        "se": median_se(ratios),
+        "per_round": [sig(x, 4) for x in ratios],
+        "of_medians": statistics.median(num) / statistics.median(den),
+    }
+
+
+def verdict(ratio: float, se: float | None, target: float, *, at_least: bool) -> bool | None:
+    """Whether ``ratio`` meets ``target`` by more than 2 standard errors (True), misses it
+    by more (False), or is within the noise of it (None: not resolved)."""
+    if se is None:
+        return None
+    margin = ratio - target if at_least else target - ratio
+    if margin >= 2 * se:
+        return True
+    if margin < -2 * se:
+        return False
+    return None
+
+
+def ratio_fields(p: dict[str, Any], target: float | None, *, at_least: bool) -> dict[str, Any]:
+    """The JSON fields of one paired ratio and its verdict."""
+    se = p["se"]
+    out: dict[str, Any] = {
+        "ratio": sig(p["median"], 4),
+        "ratio_se": sig(se, 3) if se is not None else None,
+        "ratio_of_medians": sig(p["of_medians"], 4),
+    }
+    if target is not None:
+        out["meets"] = verdict(p["median"], se, target, at_least=at_least)
+        ok = p["median"] >= target if at_least else p["median"] <= target
+        out["meets_point_estimate"] = bool(ok)
+    return out
 
 
 # --------------------------------------------------------------------------- stores
@@ -134,7 +217,8 @@ class UncheckedPhemaGetStore(phema.SnapshotStore):
     def read_into(
         self, path: str, start: int, out: memoryview, identity: str | None = None
     ) -> None:
-        data, _, _ = self.backend._get(path, start, start + len(out), None)  # type: ignore[attr-defined]
+        get = self.backend._get  # type: ignore[attr-defined]
+        data, _, _ = get(path, start, start + len(out), None)
         if len(data) != len(out):
             raise RuntimeError(f"{path}: wanted {len(out)} bytes at {start}, got {len(data)}")
         out[:] = data
@@ -143,8 +227,8 @@ class UncheckedPhemaGetStore(phema.SnapshotStore):
 def count_reads(store: phema.SnapshotStore) -> tuple[Callable[[], None], list[int]]:
     """Count the reads that reach ``store``'s read primitive; returns (undo, [reads, bytes]).
 
-    For a checked store the primitive is ``store.backend.read_into`` (the check); for
-    the unchecked ones it is the store's own ``read_into``.
+    For a checked store the primitive is ``store.backend.read_into`` (the check, which
+    must be given an identity); for the unchecked ones the store's own ``read_into``.
     """
     count = [0, 0]
     checked = type(store) is phema.SnapshotStore
@@ -178,16 +262,23 @@ def output_hashes(folder: str) -> dict[str, str]:
     return out
 
 
+def fs_type(path: str) -> str:
+    """The filesystem type ``path`` lives on (from ``/proc/mounts``), e.g. ``tmpfs``."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                mnt, typ = line.split()[1:3]
+                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) > len(best):
+                    best, kind = mnt, typ
+    except OSError:
+        pass
+    return kind
+
+
 # --------------------------------------------------------------------------- reconstruct section
-
-
-def rotating(variants: list[str], rounds: int) -> list[tuple[int, str]]:
-    """``(round, variant)`` in the order they run: each round starts one variant later."""
-    order = []
-    for r in range(rounds):
-        shift = r % len(variants)
-        order += [(r, v) for v in variants[shift:] + variants[:shift]]
-    return order
 
 
 def reconstruct_section(
@@ -228,7 +319,7 @@ def reconstruct_section(
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
-    # Untimed warm-up pass per store, counting the reads that reach the primitive.
+    # An untimed pass per store first, counting the reads that reach the primitive.
     reference: dict[str, str] | None = None
     reads: dict[str, list[int]] = {}
     for v in variants:
@@ -254,7 +345,7 @@ def reconstruct_section(
         if args.verbose:
             print(f"[{BENCH}] {storage} reconstruct {v} round {r}: {s:.3f} s", file=sys.stderr)
     live = check_is_live(stores, the_plan)
-    probe = read_probe(storage, stores, the_plan, args)
+    probe, probe_upper, probe_lower = read_probe(storage, stores, the_plan, args)
     med = {v: statistics.median(seconds[v]) for v in variants}
     for v in variants:
         emit(
@@ -273,23 +364,39 @@ def reconstruct_section(
             bytes_per_pass=reads[v][1],
             checked_reads_per_pass=reads[v][0] if v == "checked" else 0,
         )
-    per_round = [u / c for c, u in zip(seconds["checked"], seconds["unchecked"], strict=True)]
-    ratio = med["unchecked"] / med["checked"]
+    # Same bytes: the throughput ratio is the time ratio, unchecked over checked.
+    pr = paired(seconds["unchecked"], seconds["checked"])
+    rf = ratio_fields(pr, TARGET_READ_RATIO, at_least=True)
     fig: dict[str, Any] = {
-        "ratio_checked_vs_unchecked": sig(ratio, 4),
+        "ratio_checked_vs_unchecked": rf.pop("ratio"),
+        **rf,
         "checked_s": sig(med["checked"], 4),
         "unchecked_s": sig(med["unchecked"], 4),
         "checked_mb_per_s": sig(to_read / med["checked"] / 1e6, 4),
         "unchecked_mb_per_s": sig(to_read / med["unchecked"] / 1e6, 4),
+        "probe_overhead_us_per_read": sig(1e6 * probe, 4),
+        "probe_overhead_upper_us_per_read": sig(1e6 * probe_upper, 4),
     }
-    fig["probe_overhead_us_per_read"] = probe["overhead_us"]
-    # From the probe: every read's extra cost added up, none overlapped with another.
-    fig["probe_ratio_bound"] = sig(
-        med["unchecked"] / (med["unchecked"] + reads["checked"][0] * probe["overhead_s"]), 4
+
+    # From the probe: every read's extra cost added to the unchecked pass, none overlapped
+    # with another read; with the overhead's upper figure (+ 2 standard errors) it is a
+    # lower bound of the ratio, with its lower figure (- 2 standard errors) an upper one.
+    def bound(cost: float) -> float:
+        return med["unchecked"] / (med["unchecked"] + reads["checked"][0] * max(cost, 0.0))
+
+    fig["probe_ratio_bound"] = sig(bound(probe_upper), 4)
+    fig["meets_by_probe"] = (
+        True
+        if bound(probe_upper) >= TARGET_READ_RATIO
+        else False
+        if bound(probe_lower) < TARGET_READ_RATIO
+        else None
     )
     if "unchecked_phema_get" in med:
-        fig["ratio_checked_vs_unchecked_phema_get"] = sig(
-            med["unchecked_phema_get"] / med["checked"], 4
+        pg = paired(seconds["unchecked_phema_get"], seconds["checked"])
+        fig["ratio_checked_vs_unchecked_phema_get"] = sig(pg["median"], 4)
+        fig["ratio_checked_vs_unchecked_phema_get_se"] = (
+            sig(pg["se"], 3) if pg["se"] is not None else None
         )
     emit(
         BENCH,
@@ -298,10 +405,9 @@ def reconstruct_section(
         section="reconstruct",
         storage=storage,
         **fig,
-        ratio_per_round=[sig(x, 4) for x in per_round],
-        ratio_per_round_median=sig(statistics.median(per_round), 4),
+        ratio_per_round=pr["per_round"],
         target=TARGET_READ_RATIO,
-        meets=bool(ratio >= TARGET_READ_RATIO),
+        reads_per_pass=reads["checked"][0],
         outputs=len(reference),
         outputs_identical=True,  # asserted for every run above
         output_sha256_first=sorted(reference.values())[0][:16],
@@ -316,51 +422,68 @@ def reconstruct_section(
 
 def read_probe(
     storage: str, stores: dict[str, phema.SnapshotStore], the_plan: Plan, args: argparse.Namespace
-) -> dict[str, Any]:
-    """The same single read through each store, many times: the check's cost per read.
+) -> tuple[float, float, float]:
+    """The same reads through each store, back to back: the check's cost per read (s).
 
-    Each round reads one window at ``args.probe_reads`` offsets of one input, back to
-    back, through each store in turn (rotating order); a read's time is the round's
-    time over its reads, and the figure the median over rounds.
+    Each round reads ``--probe-reads`` ranges of one input through each store in turn
+    (rotating order); a read's time is the round's time over its reads, and the
+    overhead the median over rounds of checked minus unchecked in the same round.
+    Locally it is measured with windows of the pass's size and with 4 KiB reads, where
+    the check's fixed cost is not lost in the noise of copying 2 MiB. Returns the larger
+    overhead, and the larger of overhead + 2 and - 2 standard errors (seconds per read).
     """
     info = the_plan.inputs[0]
-    window = min(args.window_bytes, info.header.data_bytes)
-    span = max(info.header.data_bytes - window, 1)
+    sizes = [min(args.window_bytes, info.header.data_bytes)]
+    if storage == "local":
+        sizes.append(SMALL_READ)
     n = args.probe_reads if storage == "local" else args.s3_probe_reads
-    offsets = [info.header.data_start + (k * window) % span for k in range(n)]
-    buf = memoryview(bytearray(window))
     variants = list(stores)
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
-    for v in variants:  # warm-up
-        stores[v].read_into(info.path, offsets[0], buf, info.identity)
-    for _, v in rotating(variants, args.probe_rounds):
-        read = stores[v].read_into
-        start = time.perf_counter()
-        for off in offsets:
-            read(info.path, off, buf, info.identity)
-        seconds[v].append((time.perf_counter() - start) / n)
-    med = {v: statistics.median(seconds[v]) for v in variants}
-    overhead = med["checked"] - med["unchecked"]
-    emit(
-        BENCH,
-        f"{storage}_read_probe",
-        "cpu",
-        section="reconstruct",
-        storage=storage,
-        window_bytes=window,
-        reads_per_round=n,
-        rounds=args.probe_rounds,
-        **{f"{v}_us_per_read": sig(1e6 * med[v], 4) for v in variants},
-        **{f"{v}_us_per_read_min": sig(1e6 * min(seconds[v]), 4) for v in variants},
-        **{f"{v}_us_per_read_max": sig(1e6 * max(seconds[v]), 4) for v in variants},
-        overhead_us_per_read=sig(1e6 * overhead, 4),
-        ratio_checked_vs_unchecked=sig(med["unchecked"] / med["checked"], 4),
-    )
-    return {"overhead_s": overhead, "overhead_us": sig(1e6 * overhead, 4)}
+    overheads, uppers, lowers = [], [], []
+    for size in sizes:
+        span = max(info.header.data_bytes - size, 1)
+        offsets = [info.header.data_start + (k * args.window_bytes) % span for k in range(n)]
+        buf = memoryview(bytearray(size))
+        seconds: dict[str, list[float]] = {v: [] for v in variants}
+        for v in variants:  # warm-up
+            stores[v].read_into(info.path, offsets[0], buf, info.identity)
+        for _, v in rotating(variants, args.probe_rounds):
+            read = stores[v].read_into
+            start = time.perf_counter()
+            for off in offsets:
+                read(info.path, off, buf, info.identity)
+            seconds[v].append((time.perf_counter() - start) / n)
+        med = {v: statistics.median(seconds[v]) for v in variants}
+        diffs = [c - u for c, u in zip(seconds["checked"], seconds["unchecked"], strict=True)]
+        overhead, se = statistics.median(diffs), median_se(diffs)
+        overheads.append(overhead)
+        uppers.append(overhead + 2 * (se or 0.0))
+        lowers.append(overhead - 2 * (se or 0.0))
+        emit(
+            BENCH,
+            f"{storage}_read_probe_{size}",
+            "cpu",
+            section="reconstruct",
+            storage=storage,
+            read_bytes=size,
+            reads_per_round=n,
+            rounds=args.probe_rounds,
+            **{f"{v}_us_per_read": sig(1e6 * med[v], 4) for v in variants},
+            **{f"{v}_us_per_read_min": sig(1e6 * min(seconds[v]), 4) for v in variants},
+            **{f"{v}_us_per_read_max": sig(1e6 * max(seconds[v]), 4) for v in variants},
+            overhead_us_per_read=sig(1e6 * overhead, 4),
+            overhead_se_us=sig(1e6 * se, 3) if se is not None else None,
+            ratio_checked_vs_unchecked=sig(
+                paired(seconds["unchecked"], seconds["checked"])["median"], 4
+            ),
+        )
+    return max(overheads), max(uppers), max(lowers)
 
 
 def check_is_live(stores: dict[str, phema.SnapshotStore], the_plan: Plan) -> dict[str, bool]:
-    """Whether each store refuses a read that names a version other than the listed one."""
+    """Whether each store refuses a read that names a version other than the listed one.
+
+    Fails the run unless ``checked`` refuses it and the unchecked stores do not.
+    """
     info = the_plan.inputs[0]
     wrong = "0:0:0:0" if stores["checked"].is_local else '"00000000000000000000000000000000"'
     out = {}
@@ -376,21 +499,6 @@ def check_is_live(stores: dict[str, phema.SnapshotStore], the_plan: Plan) -> dic
     return out
 
 
-def fs_type(path: str) -> str:
-    """The filesystem type ``path`` lives on (from ``/proc/mounts``), e.g. ``tmpfs``."""
-    best, kind = "", "unknown"
-    try:
-        with open("/proc/mounts", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                mnt = parts[1]
-                if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best):
-                    best, kind = mnt, parts[2]
-    except OSError:
-        pass
-    return kind
-
-
 # --------------------------------------------------------------------------- save section
 
 
@@ -401,6 +509,7 @@ def save_section(args: argparse.Namespace, base: str) -> dict[str, Any]:
     folder = os.path.join(base, "save")
     writer = phema.SnapshotWriter(folder, dtype=torch.float16)
     t = [0]
+    saves = [0]
 
     def advance() -> None:  # a new time, so every save has fresh names (untimed)
         perturb(model)
@@ -408,7 +517,7 @@ def save_section(args: argparse.Namespace, base: str) -> dict[str, Any]:
         ema.update(t[0])
 
     def drain() -> None:  # wait for the background writes, then delete the files
-        want = 2 * saves[0]
+        want = len(ema.stds) * saves[0]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while len(writer.written) < want:
             if time.monotonic() > deadline or writer._failures:
@@ -424,52 +533,76 @@ def save_section(args: argparse.Namespace, base: str) -> dict[str, Any]:
         saves[0] += 1
         return None
 
+    def do_save_before() -> object:
+        # The training-thread part of save() at 703f5cc, on this writer: check for an
+        # earlier failure, copy every profile, queue them (no lock, no report after).
+        if writer._failures:
+            raise RuntimeError("an earlier snapshot failed")
+        if writer._closed:
+            raise RuntimeError("closed")
+        averaged = set(ema.names)
+        jobs = []
+        for std, gamma in zip(ema.stds, ema.gammas, strict=True):
+            state = ema.profile_state_dict(std)
+            copied = tuple(n for n in state if n not in averaged)
+            jobs.append((state, ema.t, std, gamma, copied, t[0]))
+        writer._queue.put(jobs)
+        saves[0] += 1
+        return None
+
     def do_copies() -> object:  # kept until the clock stops, as save's are (in the queue)
         return [ema.profile_state_dict(std) for std in ema.stds]
 
-    saves = [0]
-    cases = {"save": do_save, "copies": do_copies}
+    cases = {"save": do_save, "save_703f5cc": do_save_before, "copies": do_copies}
     advance()
     do_save()  # warm-up, untimed
     drain()
     seconds: dict[str, list[float]] = {c: [] for c in cases}
-    for _, c in rotating(list(cases), args.write_rounds):
+    for r, c in rotating(list(cases), args.save_rounds):
         advance()
         start = time.perf_counter()
         kept = cases[c]()
         seconds[c].append(time.perf_counter() - start)
         del kept
         drain()
+        if args.verbose:
+            print(f"[{BENCH}] save {c} round {r}: {seconds[c][-1] * 1e3:.1f} ms", file=sys.stderr)
     writer.close()
     params = sum(p.numel() for p in model.parameters())
-    ratio = statistics.median(seconds["save"]) / statistics.median(seconds["copies"])
+    what = {
+        "save": "SnapshotWriter.save(ema), training thread, empty queue",
+        "save_703f5cc": "the training-thread code of save() at 703f5cc, on the same writer",
+        "copies": "ema.profile_state_dict(std) for both profiles (what save copies)",
+    }
     for c in cases:
         emit(
             BENCH,
             f"save_{c}",
             "cpu",
             section="save",
-            what={
-                "save": "SnapshotWriter.save(ema), training thread, empty queue",
-                "copies": "ema.profile_state_dict(std) for both profiles (what save copies)",
-            }[c],
+            what=what[c],
             model=args.spec,
             params=params,
             profiles=len(ema.stds),
             **summarize(seconds[c], "ms"),
         )
+    ps = paired(seconds["save"], seconds["save_703f5cc"])
     fig = {
         "save_ms": sig(1e3 * statistics.median(seconds["save"])),
-        "ratio_vs_copies": sig(ratio, 4),
+        "save_703f5cc_ms": sig(1e3 * statistics.median(seconds["save_703f5cc"])),
+        "copies_ms": sig(1e3 * statistics.median(seconds["copies"])),
+        **ratio_fields(ps, TARGET_WRITE_RATIO, at_least=False),
+        "ratio_vs_copies": sig(paired(seconds["save"], seconds["copies"])["median"], 4),
     }
     emit(
         BENCH,
         "save_ratio",
         "cpu",
         section="save",
+        ratio_of="save / save_703f5cc",
         **fig,
+        ratio_per_round=ps["per_round"],
         target=TARGET_WRITE_RATIO,
-        meets=bool(ratio <= TARGET_WRITE_RATIO),
         snapshots_written=len(writer.written),
     )
     return fig
@@ -489,21 +622,48 @@ def snapshot_bytes(spec: str) -> bytes:
     return serialize(tensors, meta)
 
 
+@contextmanager
+def atomic_write_before(path: str) -> Iterator[IO[bytes]]:
+    """``phema.store.atomic_write`` as it was up to 190d9f8 (the old way of writing a file):
+    a hidden temporary file, ``fsync``, ``os.replace`` over ``path``; no folder ``fsync``.
+
+    Copied here because the library's ``atomic_write`` has since changed (it syncs the
+    folder too, and can publish by link), so it no longer measures the old way.
+    """
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_rounds(rounds: int, data: bytes) -> int:
+    """Rounds for writes of ``data``: 3x as many for files under 16 MiB (cheap, and their
+    times vary more from one write to the next)."""
+    return rounds * (3 if len(data) < SMALL_FILE else 1)
+
+
 def time_writes(
     cases: dict[str, Callable[[str], Callable[[], None]]],
     rounds: int,
     before: Callable[[], None],
-    verbose_tag: str,
+    tag: str,
     verbose: bool,
 ) -> dict[str, list[float]]:
-    """Run every case ``rounds`` times (rotating order).
+    """Run every case ``rounds`` times (rotating order), each on a fresh name.
 
-    ``cases[c](name)`` prepares one write of a fresh file ``name`` and returns a
-    cleanup that deletes it (untimed); ``before`` runs untimed before each write.
+    ``cases[c](name)`` writes one file ``name`` and returns a cleanup that deletes it
+    (untimed); ``before`` runs, untimed, before each write.
     """
     seconds: dict[str, list[float]] = {c: [] for c in cases}
     for c in cases:  # warm-up, untimed
-        cases[c](f"warmup-{uuid.uuid4().hex[:8]}")()
+        cases[c](snapshot_name(T_STEP * next(_NAMES), STORED_STDS[0]))()
     for r, c in rotating(list(cases), rounds):
         name = snapshot_name(T_STEP * next(_NAMES), STORED_STDS[0])
         before()
@@ -512,17 +672,14 @@ def time_writes(
         seconds[c].append(time.perf_counter() - start)
         cleanup()
         if verbose:
-            print(
-                f"[{BENCH}] {verbose_tag} {c} round {r}: {seconds[c][-1] * 1e3:.1f} ms",
-                file=sys.stderr,
-            )
+            print(f"[{BENCH}] {tag} {c} round {r}: {seconds[c][-1] * 1e3:.1f} ms", file=sys.stderr)
     return seconds
 
 
 def local_write_section(
     args: argparse.Namespace, base: str, data: bytes, spec: str
 ) -> dict[str, Any]:
-    """``SnapshotStore.write`` against ``atomic_write`` + write (temp, fsync, os.replace)."""
+    """``SnapshotStore.write`` against the old ``atomic_write`` (temp, fsync, os.replace)."""
     folder = os.path.join(base, f"write-{spec}")
     os.makedirs(folder, exist_ok=True)
     store = phema.SnapshotStore(folder)
@@ -533,13 +690,13 @@ def local_write_section(
 
     def atomic_replace(name: str) -> Callable[[], None]:
         path = os.path.join(folder, name)
-        with atomic_write(path) as f:
+        with atomic_write_before(path) as f:
             f.write(data)
         return lambda: os.unlink(path)
 
     def atomic_replace_fsync_dir(name: str) -> Callable[[], None]:
         path = os.path.join(folder, name)
-        with atomic_write(path) as f:
+        with atomic_write_before(path) as f:
             f.write(data)
         fsync_dir(folder)
         return lambda: os.unlink(path)
@@ -549,17 +706,17 @@ def local_write_section(
         "atomic_write_replace": atomic_replace,
         "atomic_write_replace_fsync_dir": atomic_replace_fsync_dir,
     }
-    seconds = time_writes(cases, args.write_rounds, os.sync, f"local write {spec}", args.verbose)
-    leftovers = os.listdir(folder)
-    if leftovers:
-        raise AssertionError(f"files left behind by the writes: {leftovers}")
-    return report_writes(
-        "local", spec, data, seconds, "store_write", "atomic_write_replace", folder
+    seconds = time_writes(
+        cases, write_rounds(args.write_rounds, data), os.sync, f"local write {spec}", args.verbose
     )
+    if leftovers := os.listdir(folder):
+        raise AssertionError(f"files left behind by the writes: {leftovers}")
+    return report_writes("local", spec, data, seconds, "atomic_write_replace", fs_type(folder))
 
 
 def s3_write_section(args: argparse.Namespace, url: str, data: bytes, spec: str) -> dict[str, Any]:
-    """On S3: ``SnapshotStore.write`` against ``pipe_file`` and ``pipe_file(mode="create")``."""
+    """On S3: ``SnapshotStore.write`` against ``pipe_file``, a conditional ``pipe_file`` and
+    the store's write before (a transaction around ``fs.open(path, "wb")``)."""
     import s3fs
 
     store = phema.SnapshotStore(f"{url}/write-{spec}")
@@ -580,30 +737,53 @@ def s3_write_section(args: argparse.Namespace, url: str, data: bytes, spec: str)
         fs.pipe_file(path, data, mode="create")
         return lambda: fs.rm_file(path)
 
+    def transaction_open_wb(name: str) -> Callable[[], None]:
+        path = f"{prefix}/{name}"
+        with fs.transaction, fs.open(path, "wb") as f:
+            f.write(data)
+        return lambda: fs.rm_file(path)
+
     cases = {
         "store_write": store_write,
         "pipe_file": pipe_file,
         "pipe_file_create": pipe_file_create,
+        "transaction_open_wb": transaction_open_wb,
     }
-    try:  # does this server refuse a conditional PutObject over an existing key?
-        probe = f"{prefix}/.create-probe-{uuid.uuid4().hex[:8]}"
+    # Does this server refuse a conditional PutObject over an existing key? If not, the
+    # conditional case would not be what it says: leave it out.
+    probe = f"{prefix}/.create-probe-{uuid.uuid4().hex[:8]}"
+    try:
         fs.pipe_file(probe, b"x", mode="create")
         try:
             fs.pipe_file(probe, b"y", mode="create")
-            create_ok = False
+            refuses = False
         except (FileExistsError, OSError):
-            create_ok = True
+            refuses = True
         fs.rm_file(probe)
-    except Exception:  # reported below: the case is left out
-        create_ok = False
-    if not create_ok:
+    except Exception:  # the server does not take the header at all
+        refuses = False
+    if not refuses:
         del cases["pipe_file_create"]
     seconds = time_writes(
-        cases, args.s3_write_rounds, lambda: None, f"s3 write {spec}", args.verbose
+        cases,
+        write_rounds(args.s3_write_rounds, data),
+        lambda: None,
+        f"s3 write {spec}",
+        args.verbose,
     )
-    fig = report_writes("s3", spec, data, seconds, "store_write", "pipe_file", None)
-    fig["conditional_put_refuses_existing"] = create_ok
-    return fig
+    return report_writes(
+        "s3", spec, data, seconds, "pipe_file", None, conditional_put_refuses_existing=refuses
+    )
+
+
+WRITE_WHAT = {
+    "store_write": "SnapshotStore.write(name, data)",
+    "atomic_write_replace": "phema.store.atomic_write up to 190d9f8: temp, fsync, os.replace",
+    "atomic_write_replace_fsync_dir": "the same, then an fsync of the folder (as the store does)",
+    "pipe_file": "s3fs pipe_file(path, data) on another instance (PutObject below 100 MiB)",
+    "pipe_file_create": "s3fs pipe_file(path, data, mode='create'): PutObject, If-None-Match",
+    "transaction_open_wb": "the store's write before: with fs.transaction: fs.open(path, 'wb')",
+}
 
 
 def report_writes(
@@ -611,19 +791,11 @@ def report_writes(
     spec: str,
     data: bytes,
     seconds: dict[str, list[float]],
-    new: str,
     old: str,
-    folder: str | None,
+    dir_fs: str | None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """One line per case, then the ratio line; returns the figures for the summary."""
-    what = {
-        "store_write": "SnapshotStore.write(name, data): staged, no-replace publish"
-        + (", folder fsync" if storage == "local" else ", multipart completed with If-None-Match"),
-        "atomic_write_replace": "phema.store.atomic_write(path) + write: temp, fsync, os.replace",
-        "atomic_write_replace_fsync_dir": "the same, then an fsync of the folder (as the store does)",
-        "pipe_file": "s3fs pipe_file(path, data) on another instance (PutObject below 100 MiB)",
-        "pipe_file_create": "s3fs pipe_file(path, data, mode='create'): PutObject with If-None-Match",
-    }
+    """One line per case, then the ratio line (``store_write`` over each other case)."""
     for c, s in seconds.items():
         emit(
             BENCH,
@@ -632,28 +804,33 @@ def report_writes(
             section="write",
             storage=storage,
             variant=c,
-            what=what[c],
+            what=WRITE_WHAT[c],
             bytes=len(data),
             **summarize(s, "ms"),
             mb_per_s=sig(len(data) / statistics.median(s) / 1e6, 4),
-            **({"dir_fs": fs_type(folder)} if folder else {}),
+            **({"dir_fs": dir_fs} if dir_fs else {}),
         )
-    med = {c: statistics.median(s) for c, s in seconds.items()}
-    ratio = med[new] / med[old]
-    per_round = [a / b for a, b in zip(seconds[new], seconds[old], strict=True)]
-    fig: dict[str, Any] = {"bytes": len(data), "ratio": sig(ratio, 4)}
-    fig.update({f"{c}_ms": sig(1e3 * m) for c, m in med.items()})
-    fig.update({f"ratio_vs_{c}": sig(med[new] / m, 4) for c, m in med.items() if c != new})
+    local = storage == "local"
+    pw = paired(seconds["store_write"], seconds[old])
+    fig: dict[str, Any] = {
+        "bytes": len(data),
+        **ratio_fields(pw, TARGET_WRITE_RATIO if local else None, at_least=False),
+    }
+    fig.update({f"{c}_ms": sig(1e3 * statistics.median(s)) for c, s in seconds.items()})
+    for c in seconds:
+        if c != "store_write":
+            fig[f"ratio_vs_{c}"] = sig(paired(seconds["store_write"], seconds[c])["median"], 4)
     emit(
         BENCH,
         f"{storage}_write_{spec}_ratio",
         "cpu",
         section="write",
         storage=storage,
+        ratio_of=f"store_write / {old}",
         **fig,
-        ratio_per_round_median=sig(statistics.median(per_round), 4),
-        target=TARGET_WRITE_RATIO if storage == "local" else None,
-        meets=bool(ratio <= TARGET_WRITE_RATIO) if storage == "local" else None,
+        ratio_per_round=pw["per_round"],
+        target=TARGET_WRITE_RATIO if local else None,
+        **extra,
     )
     return fig
 
@@ -680,9 +857,10 @@ def local_section(args: argparse.Namespace, base: str, out_base: str) -> dict[st
         bytes_stored=data.bytes_stored,
         write_s=sig(write_s, 4),
         warm=True,
-        out_dir=out_base,
+        store_fs=fs_type(data.url),
         out_dir_fs=fs_type(out_base),
         device_name=device_name(torch.device("cpu")),
+        cores=os.cpu_count(),
     )
     figs: dict[str, Any] = {
         "reconstruct": reconstruct_section("local", data.url, data.bytes_stored, args, out_base)
@@ -744,17 +922,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="~2M-parameter model, few rounds")
-    p.add_argument("--snapshots", type=int, default=None, help="local snapshot times (x2 profiles)")
-    p.add_argument(
-        "--s3-snapshots", type=int, default=None, help="S3 snapshot times (x2; 0: no S3)"
-    )
+    p.add_argument("--snapshots", type=int, default=None, help="local snapshot times (x2)")
+    p.add_argument("--s3-snapshots", type=int, default=None, help="S3 snapshot times (0: no S3)")
     p.add_argument("--rounds", type=int, default=None, help="local reconstruct rounds")
     p.add_argument("--s3-rounds", type=int, default=None, help="S3 reconstruct rounds")
-    p.add_argument("--write-rounds", type=int, default=None, help="rounds of save and local writes")
-    p.add_argument("--s3-write-rounds", type=int, default=None, help="rounds of S3 writes")
     p.add_argument("--probe-rounds", type=int, default=None, help="rounds of the read probe")
     p.add_argument("--probe-reads", type=int, default=256, help="local reads per probe round")
     p.add_argument("--s3-probe-reads", type=int, default=32, help="S3 reads per probe round")
+    p.add_argument("--save-rounds", type=int, default=None, help="rounds of save")
+    p.add_argument("--write-rounds", type=int, default=None, help="rounds of local writes")
+    p.add_argument("--s3-write-rounds", type=int, default=None, help="rounds of S3 writes")
     p.add_argument("--outputs", type=int, default=8, help="stds to reconstruct (default 8)")
     p.add_argument("--window-bytes", type=int, default=WINDOW_BYTES, help="reconstruct window")
     p.add_argument("--max-inflight", type=int, default=8, help="reconstruct reads in flight")
@@ -772,18 +949,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "s3_snapshots": 4,
         "rounds": 5,
         "s3_rounds": 3,
+        "probe_rounds": 5,
+        "save_rounds": 5,
         "write_rounds": 5,
         "s3_write_rounds": 3,
-        "probe_rounds": 5,
     }
     full = {
         "snapshots": 16,
         "s3_snapshots": 8,
-        "rounds": 9,
-        "s3_rounds": 5,
-        "write_rounds": 9,
+        "rounds": 11,
+        "s3_rounds": 7,
+        "probe_rounds": 11,
+        "save_rounds": 11,
+        "write_rounds": 21,
         "s3_write_rounds": 7,
-        "probe_rounds": 9,
     }
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -791,8 +970,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.spec = "quick" if args.quick else "full"
     args.s3_spec = "quick" if args.quick else "small"
     args.write_specs = ["quick", "tiny"] if args.quick else ["full", "quick"]
-    if min(args.snapshots, args.rounds, args.s3_rounds, args.write_rounds, args.outputs) < 1:
-        p.error("--snapshots, --rounds, --s3-rounds, --write-rounds, --outputs must be >= 1")
+    counts = (args.snapshots, args.rounds, args.probe_rounds, args.save_rounds, args.outputs)
+    if min(counts) < 1 or min(args.write_rounds, args.s3_rounds, args.s3_write_rounds) < 1:
+        p.error("snapshot, round and output counts must be >= 1")
     lo, hi = STORED_STDS
     args.stds = [round(float(s), 6) for s in np.linspace(lo, hi, args.outputs + 2)[1:-1]]
     return args
@@ -829,39 +1009,51 @@ def summary(
         quick=args.quick,
         model=args.spec,
         s3_model=args.s3_spec,
+        target_read_ratio=TARGET_READ_RATIO,
         local_read_ratio_checked_vs_unchecked=lr.get("ratio_checked_vs_unchecked"),
+        local_read_ratio_se=lr.get("ratio_se"),
+        local_read_ratio_of_medians=lr.get("ratio_of_medians"),
+        local_checked_s=lr.get("checked_s"),
+        local_unchecked_s=lr.get("unchecked_s"),
         local_checked_mb_per_s=lr.get("checked_mb_per_s"),
         local_unchecked_mb_per_s=lr.get("unchecked_mb_per_s"),
         local_probe_overhead_us_per_read=lr.get("probe_overhead_us_per_read"),
         local_probe_ratio_bound=lr.get("probe_ratio_bound"),
+        local_meets_read=lr.get("meets"),
+        local_meets_read_by_probe=lr.get("meets_by_probe"),
         s3_read_ratio_checked_vs_unchecked=sr.get("ratio_checked_vs_unchecked"),
-        s3_probe_overhead_us_per_read=sr.get("probe_overhead_us_per_read"),
-        s3_probe_ratio_bound=sr.get("probe_ratio_bound"),
+        s3_read_ratio_se=sr.get("ratio_se"),
+        s3_read_ratio_of_medians=sr.get("ratio_of_medians"),
         s3_read_ratio_checked_vs_unchecked_phema_get=sr.get("ratio_checked_vs_unchecked_phema_get"),
+        s3_checked_s=sr.get("checked_s"),
+        s3_unchecked_s=sr.get("unchecked_s"),
         s3_checked_mb_per_s=sr.get("checked_mb_per_s"),
         s3_unchecked_mb_per_s=sr.get("unchecked_mb_per_s"),
-        target_read_ratio=TARGET_READ_RATIO,
-        local_meets_read=None
-        if not lr
-        else bool(lr["ratio_checked_vs_unchecked"] >= TARGET_READ_RATIO),
-        s3_meets_read=None
-        if not sr
-        else bool(sr["ratio_checked_vs_unchecked"] >= TARGET_READ_RATIO),
+        s3_probe_overhead_us_per_read=sr.get("probe_overhead_us_per_read"),
+        s3_probe_ratio_bound=sr.get("probe_ratio_bound"),
+        s3_meets_read=sr.get("meets"),
+        s3_meets_read_by_probe=sr.get("meets_by_probe"),
+        target_write_ratio=TARGET_WRITE_RATIO,
         save_ms=save.get("save_ms"),
+        save_ratio_vs_703f5cc=save.get("ratio"),
+        save_ratio_se=save.get("ratio_se"),
         save_ratio_vs_copies=save.get("ratio_vs_copies"),
+        meets_save=save.get("meets"),
         local_write_ms={k: v["store_write_ms"] for k, v in lw.items()},
         local_write_ratio_vs_atomic_replace={k: v["ratio"] for k, v in lw.items()},
+        local_write_ratio_se={k: v["ratio_se"] for k, v in lw.items()},
         local_write_ratio_vs_atomic_replace_fsync_dir={
-            k: v.get("ratio_vs_atomic_write_replace_fsync_dir") for k, v in lw.items()
+            k: v["ratio_vs_atomic_write_replace_fsync_dir"] for k, v in lw.items()
         },
+        local_meets_write={k: v["meets"] for k, v in lw.items()},
         s3_write_ms={k: v["store_write_ms"] for k, v in sw.items()},
         s3_write_ratio_vs_pipe_file={k: v["ratio"] for k, v in sw.items()},
         s3_write_ratio_vs_pipe_file_create={
             k: v.get("ratio_vs_pipe_file_create") for k, v in sw.items()
         },
-        target_write_ratio=TARGET_WRITE_RATIO,
-        meets_save=None if not save else bool(save["ratio_vs_copies"] <= TARGET_WRITE_RATIO),
-        local_meets_write={k: bool(v["ratio"] <= TARGET_WRITE_RATIO) for k, v in lw.items()},
+        s3_write_ratio_vs_transaction_open_wb={
+            k: v.get("ratio_vs_transaction_open_wb") for k, v in sw.items()
+        },
         wall_s=sig(wall_s, 4),
     )
 

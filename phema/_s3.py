@@ -19,6 +19,7 @@ fsspec use) with timeouts and bounded retries (:func:`s3_options`).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -74,12 +75,34 @@ class S3Backend(Backend):
         try:
             s.file.commit()  # type: ignore[attr-defined]
         except FileExistsError:
-            raise self.exists_error(s) from None
+            if not self._is_ours(s):
+                raise self.exists_error(s) from None
+            # A retried completion whose first try succeeded (its answer was lost): the
+            # object there is the one this upload made.
         except BaseException:
             if backup is not None:
                 self.fs.rm_file(backup)
             raise
         return _Undo(s, backup)
+
+    def _is_ours(self, s: Staged) -> bool:
+        r"""Whether the object at ``s.path`` is the one ``s``'s multipart upload made.
+
+        S3's ETag of a multipart object is :math:`\mathrm{md5}(m_1 \| \dots \| m_n)`
+        followed by ``-n``, where :math:`m_i` are the parts' binary MD5s (their ETags).
+        """
+        parts = getattr(s.file, "parts", None) or []
+        if not parts:
+            return False
+        digest = hashlib.md5(
+            b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts),
+            usedforsecurity=False,
+        ).hexdigest()
+        try:
+            there = self.identity_of(s.path)[1]
+        except FileNotFoundError:
+            return False
+        return there.strip('"') == f"{digest}-{len(parts)}"
 
     def _discard_one(self, s: Staged) -> None:
         try:

@@ -66,6 +66,13 @@ def _s3_env(endpoint):
     return env
 
 
+def _base_and_env(backend, tmp_path, request):
+    """A base URL on ``backend`` ("file" or "s3") and the environment a child needs for it."""
+    if backend == "s3":
+        return request.getfixturevalue("s3_bucket"), _s3_env(request.getfixturevalue("s3_endpoint"))
+    return str(tmp_path), dict(os.environ, PYTHONPATH=REPO)
+
+
 def _uploads(store):
     bucket = store.root.split("/", 1)[0]
     return store.fs.list_multipart_uploads(bucket)
@@ -238,12 +245,8 @@ def test_processes_racing_for_one_name_exactly_one_wins(backend, tmp_path, reque
     # rename or S3 completion), so all of them are past any existence check at once: a
     # check-then-replace publish fails this test (verified), a no-replace one cannot.
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=REPO)
-    if backend == "s3":
-        url = f"{request.getfixturevalue('s3_bucket')}/run"
-        env = _s3_env(request.getfixturevalue("s3_endpoint"))
-    else:
-        url = str(tmp_path / "run")
+    base, env = _base_and_env(backend, tmp_path, request)
+    url = f"{base}/run"
     for trial in range(2):
         name = f"phema-{trial:012d}-0.0500.safetensors"
         start_at = time.time() + 4.0  # after every process has imported torch
@@ -279,11 +282,7 @@ def test_processes_writing_one_store_at_once_lose_nothing(backend, tmp_path, req
     # snapshots and all 18 user files are there with their bytes.
     import fsspec
 
-    if backend == "s3":
-        base = request.getfixturevalue("s3_bucket")
-        env = _s3_env(request.getfixturevalue("s3_endpoint"))
-    else:
-        base, env = str(tmp_path), dict(os.environ, PYTHONPATH=REPO)
+    base, env = _base_and_env(backend, tmp_path, request)
     url = f"{base}/run"
     script = textwrap.dedent(
         """
@@ -507,12 +506,7 @@ def test_writer_killed_mid_group_resumes_and_loses_nothing(backend, tmp_path, re
     # already wrote are accepted as they are, the rest are written, and the store ends
     # equal, byte for byte, to an uninterrupted run's.
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=REPO)
-    if backend == "s3":
-        base = request.getfixturevalue("s3_bucket")
-        env = _s3_env(request.getfixturevalue("s3_endpoint"))
-    else:
-        base = str(tmp_path)
+    base, env = _base_and_env(backend, tmp_path, request)
     url, clean = f"{base}/crashed", f"{base}/clean"
 
     def run(target, crash_at):
@@ -726,3 +720,37 @@ def test_s3_server_stalling_mid_reconstruct_fails_it_with_a_named_error(moto_pro
         write_plan(the_plan, src, str(tmp_path / "out"))
     assert time.monotonic() - start < 40  # a bound on a hang: 2 tries of up to 2 x 1 s
     assert _outputs(str(tmp_path / "out")) == {}
+
+
+def test_s3_completion_retried_after_a_lost_answer_is_still_ours(s3_bucket, monkeypatch):
+    # The first CompleteMultipartUpload succeeds on the server but its answer is lost
+    # (a read timeout); s3fs tries again and the conditional retry is refused with 412
+    # because the object now exists (what S3 answers to If-None-Match on an existing
+    # key; moto would accept the repeat, so the test gives S3's answer). Nothing
+    # misreported: the write is recognised as its own (by the multipart ETag).
+    from botocore.exceptions import ClientError, ReadTimeoutError
+    from fsspec.asyn import sync
+
+    store = SnapshotStore(f"{s3_bucket}/run")
+    client = sync(store.fs.loop, store.fs.set_session)
+    real, lost = client.complete_multipart_upload, []
+
+    async def complete_multipart_upload(**kwargs):  # named as s3fs looks it up
+        if lost:
+            error = {
+                "Code": "PreconditionFailed",
+                "Message": "At least one of the pre-conditions you specified did not hold",
+                "Condition": "If-None-Match",
+            }
+            raise ClientError({"Error": error}, "CompleteMultipartUpload")
+        out = await real(**kwargs)
+        lost.append(kwargs["Key"])
+        raise ReadTimeoutError(endpoint_url="answer lost")
+
+    monkeypatch.setattr(client, "complete_multipart_upload", complete_multipart_upload)
+    name = "phema-000000000064-0.0500.safetensors"
+    store.write(name, _snapshot_bytes(7))
+    assert lost == ["run/" + name]
+    assert store.backend.read_all(store.path_of(name)) == _snapshot_bytes(7)
+    with pytest.raises(ExistsError, match=name):  # a different writer is still refused
+        store.write(name, _snapshot_bytes(8))
