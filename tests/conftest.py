@@ -1,8 +1,10 @@
 """Shared test configuration: hypothesis profiles, a local S3 server and a local fake Hub."""
 
+import functools
 import logging
 import os
 import sys
+import threading
 import uuid
 
 # huggingface_hub reads these at import: no Xet transfers, telemetry or update checks in tests.
@@ -22,6 +24,35 @@ settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+def _atomic_conditional_writes():
+    """Make moto's conditional writes atomic, as S3's are; returns an undo function.
+
+    moto checks ``If-None-Match: *`` and then stores the object in two steps without a
+    lock, so two racing conditional writes can both succeed on moto (never on S3). The
+    race tests need the server to keep S3's promise, so PutObject and
+    CompleteMultipartUpload run one at a time in the test server.
+    """
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    saved = {}
+    for name in ("put_object", "_key_response_post"):
+        real = saved[name] = getattr(S3Response, name)
+
+        @functools.wraps(real)
+        def locked(self, *args, _real=real, **kwargs):
+            with lock:
+                return _real(self, *args, **kwargs)
+
+        setattr(S3Response, name, locked)
+
+    def undo():
+        for name, real in saved.items():
+            setattr(S3Response, name, real)
+
+    return undo
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (ephemeral port), with fake credentials only."""
@@ -39,6 +70,7 @@ def s3_endpoint():
     os.environ.update(env)
     os.environ.pop("AWS_PROFILE", None)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    undo_atomic = _atomic_conditional_writes()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -50,6 +82,7 @@ def s3_endpoint():
     finally:
         fsspec.config.conf.pop("s3", None)
         server.stop()
+        undo_atomic()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

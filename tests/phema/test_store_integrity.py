@@ -743,7 +743,7 @@ def test_s3_completion_retried_after_a_lost_answer_is_still_ours(s3_bucket, monk
                 "Condition": "If-None-Match",
             }
             raise ClientError({"Error": error}, "CompleteMultipartUpload")
-        out = await real(**kwargs)
+        await real(**kwargs)
         lost.append(kwargs["Key"])
         raise ReadTimeoutError(endpoint_url="answer lost")
 
