@@ -76,14 +76,31 @@ class S3Backend(Backend):
             s.file.commit()  # type: ignore[attr-defined]
         except FileExistsError:
             if not self._is_ours(s):
+                self._drop(backup)
                 raise self.exists_error(s) from None
             # A retried completion whose first try succeeded (its answer was lost): the
             # object there is the one this upload made.
+        except Exception as exc:
+            # The completion may have landed although its answer did not: ask.
+            try:
+                landed = self._is_ours(s)
+            except Exception:
+                raise StorageError(
+                    f"completing the upload of {self.where(s.path)} failed ({exc}) and the "
+                    "server could not be asked whether it landed; list the store "
+                    "(phema ls) before relying on it"
+                ) from exc
+            if not landed:
+                self._drop(backup)
+                raise
         except BaseException:
-            if backup is not None:
-                self.fs.rm_file(backup)
+            self._drop(backup)
             raise
         return _Undo(s, backup)
+
+    def _drop(self, backup: str | None) -> None:
+        if backup is not None:
+            self.fs.rm_file(backup)
 
     def _is_ours(self, s: Staged) -> bool:
         r"""Whether the object at ``s.path`` is the one ``s``'s multipart upload made.

@@ -754,3 +754,29 @@ def test_s3_completion_retried_after_a_lost_answer_is_still_ours(s3_bucket, monk
     assert store.backend.read_all(store.path_of(name)) == _snapshot_bytes(7)
     with pytest.raises(ExistsError, match=name):  # a different writer is still refused
         store.write(name, _snapshot_bytes(8))
+
+
+def test_s3_completion_whose_answers_are_all_lost_but_landed_is_reported_written(
+    s3_bucket, monkeypatch
+):
+    # Every try of CompleteMultipartUpload times out on the client, but the first one
+    # landed. The writer asks the store and reports the file as written (it is there,
+    # whole), never "nothing was published".
+    from botocore.exceptions import ReadTimeoutError
+    from fsspec.asyn import sync
+
+    store = SnapshotStore(f"{s3_bucket}/run")
+    client = sync(store.fs.loop, store.fs.set_session)
+    real, tries = client.complete_multipart_upload, []
+
+    async def complete_multipart_upload(**kwargs):  # named as s3fs looks it up
+        if not tries:
+            await real(**kwargs)
+        tries.append(1)
+        raise ReadTimeoutError(endpoint_url="answer lost")
+
+    monkeypatch.setattr(client, "complete_multipart_upload", complete_multipart_upload)
+    name = "phema-000000000064-0.0500.safetensors"
+    store.write(name, _snapshot_bytes(7))
+    assert len(tries) == store.fs.retries  # every try failed on the client
+    assert store.backend.read_all(store.path_of(name)) == _snapshot_bytes(7)
