@@ -15,8 +15,8 @@ profile's full ``state_dict`` (see :mod:`phema.format`), with ``__metadata__``
 ================  =====================================================
 
 File names are for people (and injective in ``(t, std)``, see :func:`snapshot_name`);
-listing reads every file's header (one exact ranged read, a second for headers over
-64 KiB) and trusts only the metadata. How each backend writes and reads is in
+listing reads every file's header (two exact ranged reads: its length, then the
+header, both from the same version of the file) and trusts only the metadata. How each backend writes and reads is in
 :mod:`phema._backends`; what a store promises on every backend:
 
 * a file is complete or absent: it is staged invisibly and then published (local:
@@ -81,9 +81,9 @@ __all__ = [
 
 SUFFIX = ".safetensors"
 
-#: Bytes read from the start of a file when listing: its header, in one request for
-#: headers up to this size (phema's are a few KiB).
-HEADER_PROBE = 64 << 10
+#: Bytes read first when listing: the header's length. The header itself is a second
+#: exact read, so that no tensor byte is read twice (once here, once by the pass).
+HEADER_PROBE = 8
 
 
 @dataclass(frozen=True)
@@ -421,7 +421,8 @@ class SnapshotStore:
         """``(path, url, size, header, identity)`` of every safetensors file in the folder.
 
         Each file's size, header and identity come from one version of it (one ``fstat``
-        and read locally, one GET on S3, one commit on the Hub). Remote failures
+        locally, the ETag of the first GET sent as ``If-Match`` with the second on S3, one
+        commit on the Hub). Remote failures
         (unreachable or stalled servers, timeouts) become :class:`StorageError`.
         """
         try:

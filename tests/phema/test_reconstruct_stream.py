@@ -213,6 +213,8 @@ def test_contents_lists_both_kinds_from_one_read_of_each_header(tmp_path):
     files = len(snapshots) + len(outputs)
     store.reads.clear()
     store.contents()
-    # One read per file: its first 64 KiB hold the length prefix and the whole header.
-    assert len(store.reads) == files
-    assert all(start == 0 for _, start, _ in store.reads)
+    # Two exact reads per file: the length prefix, then the header; no tensor byte.
+    assert len(store.reads) == 2 * files
+    for info in snapshots:
+        spans = sorted((s, e) for p, s, e in store.reads if p == info.path)
+        assert spans == [(0, 8), (8, info.header.data_start)]
