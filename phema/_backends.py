@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -111,17 +112,37 @@ class Backend:
         s.file.close()
 
     def _publish_one(self, s: Staged, overwrite: bool) -> _Undo:
+        """Publish one file; a file it replaces is first copied to a hidden backup."""
+        backup = None
+        if overwrite and self.exists(s.path):
+            backup = f"{s.path.rsplit('/', 1)[0]}/.{s.name}.tmp-{uuid.uuid4().hex}"
+            self.fs.copy(s.path, backup)
+        try:
+            self._commit(s, overwrite)
+        except BaseException:
+            self._drop(backup)
+            raise
+        return _Undo(s, backup)
+
+    def _commit(self, s: Staged, overwrite: bool) -> None:
         # Generic filesystems have no conditional write: check, then commit (racy).
         if not overwrite and self.exists(s.path):
             raise self.exists_error(s)
         s.file.commit()  # type: ignore[attr-defined]
-        return _Undo(s, None)
 
     def _undo(self, undo: _Undo) -> None:
-        self.fs.rm_file(undo.staged.path)
+        if undo.backup is not None:
+            self.fs.copy(undo.backup, undo.staged.path)
+            self._drop(undo.backup)
+        else:
+            self.fs.rm_file(undo.staged.path)
 
     def _finish(self, undo: _Undo) -> None:
-        pass
+        self._drop(undo.backup)
+
+    def _drop(self, backup: str | None) -> None:
+        if backup is not None:
+            self.fs.rm_file(backup)
 
     def _discard_one(self, s: Staged) -> None:
         s.file.discard()  # type: ignore[attr-defined]

@@ -20,12 +20,11 @@ fsspec use) with timeouts and bounded retries (:func:`s3_options`).
 from __future__ import annotations
 
 import hashlib
-import uuid
 from typing import Any
 
 from fsspec.asyn import sync
 
-from phema._backends import Backend, Head, Staged, _Undo
+from phema._backends import Backend, Head, Staged
 from phema.errors import StorageError
 
 
@@ -67,16 +66,11 @@ class S3Backend(Backend):
         if not s.file.closed:
             s.file.close()  # uploads the last part; the upload stays open
 
-    def _publish_one(self, s: Staged, overwrite: bool) -> _Undo:
-        backup = None
-        if overwrite and self.exists(s.path):
-            backup = f"{s.path.rsplit('/', 1)[0]}/.{s.name}.tmp-{uuid.uuid4().hex}"
-            self.fs.copy(s.path, backup)
+    def _commit(self, s: Staged, overwrite: bool) -> None:
         try:
-            s.file.commit()  # type: ignore[attr-defined]
+            s.file.commit()  # type: ignore[attr-defined]  # If-None-Match: * unless overwrite
         except FileExistsError:
             if not self._is_ours(s):
-                self._drop(backup)
                 raise self.exists_error(s) from None
             # A retried completion whose first try succeeded (its answer was lost): the
             # object there is the one this upload made.
@@ -91,16 +85,7 @@ class S3Backend(Backend):
                     "(phema ls) before relying on it"
                 ) from exc
             if not landed:
-                self._drop(backup)
                 raise
-        except BaseException:
-            self._drop(backup)
-            raise
-        return _Undo(s, backup)
-
-    def _drop(self, backup: str | None) -> None:
-        if backup is not None:
-            self.fs.rm_file(backup)
 
     def _is_ours(self, s: Staged) -> bool:
         r"""Whether the object at ``s.path`` is the one ``s``'s multipart upload made.
@@ -126,17 +111,6 @@ class S3Backend(Backend):
             s.file.discard()  # type: ignore[attr-defined]  # aborts the multipart upload
         finally:
             s.file.closed = True  # type: ignore[misc]  # nothing left to flush
-
-    def _undo(self, undo: _Undo) -> None:
-        if undo.backup is not None:
-            self.fs.copy(undo.backup, undo.staged.path)
-            self.fs.rm_file(undo.backup)
-        else:
-            self.fs.rm_file(undo.staged.path)
-
-    def _finish(self, undo: _Undo) -> None:
-        if undo.backup is not None:
-            self.fs.rm_file(undo.backup)
 
     def _get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, str, int]:
         """Bytes ``[start, end)``, the object's ETag and its full size, in one GET."""

@@ -614,13 +614,22 @@ def test_other_fsspec_filesystems_get_the_same_promises_but_races(tmp_path, monk
         reconstruct(run, [0.06, 0.07, 0.08], out_store)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "out")) == []
+    reconstruct(run, [0.06, 0.07, 0.08], out, dtype=torch.float16)
+    before = _outputs(out)
+    out_store = SnapshotStore(out)
+    _fail_second_publish(monkeypatch, out_store.backend)
+    with pytest.raises(OSError, match="injected"):
+        reconstruct(run, [0.06, 0.07, 0.08], out_store, overwrite=True)
+    monkeypatch.undo()
+    assert _outputs(out) == before  # the replaced output is back, byte for byte
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]
     the_plan = plan(store, [0.07])
     victim = the_plan.inputs[-1]
     data = store.backend.read_all(victim.path)
     time.sleep(0.01)  # a later mtime
     store.write(os.path.basename(victim.path), data, overwrite=True)  # same bytes, new file
     with pytest.raises(ChangedError, match=os.path.basename(victim.path)):
-        write_plan(the_plan, store, out)
+        write_plan(the_plan, store, f"phemageneric://{tmp_path}/out2")
 
 
 # -- stalled servers ----------------------------------------------------------------------
