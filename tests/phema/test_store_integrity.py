@@ -653,8 +653,9 @@ _MOTO = textwrap.dedent(
 def moto_process(s3_endpoint):
     """A moto server in its own process (so it can be frozen), with a bucket of 2 snapshots.
 
-    Yields ``(endpoint, store url, freeze)``; ``freeze()`` SIGSTOPs the server: it keeps
-    accepting connections and answers nothing, as a stalled endpoint does.
+    Yields ``(endpoint, store url, freeze, thaw)``; ``freeze()`` SIGSTOPs the server: it
+    keeps accepting connections and answers nothing, as a stalled endpoint does;
+    ``thaw()`` lets it go on (it then answers what was queued meanwhile).
     """
     server = subprocess.Popen(
         [sys.executable, "-c", _MOTO], stdout=subprocess.PIPE, text=True, env=dict(os.environ)
@@ -666,7 +667,12 @@ def moto_process(s3_endpoint):
         store.fs.mkdir(bucket)
         store.write("phema-000000000064-0.0500.safetensors", _snapshot_bytes(0))
         store.write("phema-000000000128-0.0500.safetensors", _snapshot_bytes(1, t=128.0))
-        yield endpoint, f"s3://{bucket}/run", lambda: os.kill(server.pid, signal.SIGSTOP)
+        yield (
+            endpoint,
+            f"s3://{bucket}/run",
+            lambda: os.kill(server.pid, signal.SIGSTOP),
+            lambda: os.kill(server.pid, signal.SIGCONT),
+        )
     finally:
         os.kill(server.pid, signal.SIGCONT)
         server.kill()
@@ -675,13 +681,13 @@ def moto_process(s3_endpoint):
 
 @pytest.fixture
 def frozen_s3(moto_process):
-    endpoint, url, freeze = moto_process
+    endpoint, url, freeze, thaw = moto_process
     freeze()
-    return endpoint, url
+    return endpoint, url, thaw
 
 
 def test_stalled_s3_server_fails_ls_in_well_under_a_minute(frozen_s3):
-    endpoint, url = frozen_s3
+    endpoint, url, _ = frozen_s3
     env = _s3_env(endpoint)
     start = time.monotonic()
     out = subprocess.run(
@@ -701,7 +707,10 @@ def test_stalled_s3_server_fails_ls_in_well_under_a_minute(frozen_s3):
 
 
 def test_stalled_s3_server_fails_writes_and_reconstruct_with_named_errors(frozen_s3, tmp_path):
-    endpoint, url = frozen_s3
+    # Each failure names what it concerns, within the retry bound; once the server is
+    # back, the snapshots reported as failed are absent (only the 2 written before are
+    # listed) and no output was written.
+    endpoint, url, thaw = frozen_s3
     opts = {"endpoint_url": endpoint, "timeout": 1.0, "retries": 2}
     start = time.monotonic()
     _, ema = _ema()
@@ -713,12 +722,16 @@ def test_stalled_s3_server_fails_writes_and_reconstruct_with_named_errors(frozen
         reconstruct(SnapshotStore(url, **opts), [0.07], str(tmp_path / "out"))
     assert time.monotonic() - start < 40
     assert not (tmp_path / "out").exists()
+    thaw()
+    time.sleep(1.0)  # let the server answer what was queued while it was stopped
+    listed = SnapshotStore(url, endpoint_url=endpoint).list()
+    assert [(i.t, i.std) for i in listed] == [(64.0, 0.05), (128.0, 0.05)]
 
 
 def test_s3_server_stalling_mid_reconstruct_fails_it_with_a_named_error(moto_process, tmp_path):
     # The plan is made, then the server freezes: the pass fails within the retry bound
     # with an error naming a snapshot, and no output appears.
-    endpoint, url, freeze = moto_process
+    endpoint, url, freeze, _ = moto_process
     src = SnapshotStore(url, endpoint_url=endpoint, timeout=1.0, retries=2)
     the_plan = plan(src, [0.05], at=128.0)
     freeze()
