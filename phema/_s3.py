@@ -47,6 +47,11 @@ def s3_options(options: dict[str, Any], timeout: float) -> dict[str, Any]:
     return out
 
 
+def _unsatisfiable(exc: BaseException) -> bool:
+    """A ranged read past the end (HTTP 416): an empty object has no byte 0."""
+    return "not satisfiable" in str(exc) or "InvalidRange" in str(exc)
+
+
 def _is_precondition(exc: BaseException) -> bool:
     return "pre-condition" in str(exc) or "PreconditionFailed" in str(exc)
 
@@ -136,7 +141,7 @@ class S3Backend(Backend):
         except OSError as exc:
             if etag and _is_precondition(exc):
                 raise self.changed(path) from None
-            if isinstance(exc, FileNotFoundError):
+            if isinstance(exc, FileNotFoundError) or _unsatisfiable(exc):
                 raise
             raise self.failed(path, exc) from exc
         except Exception as exc:  # botocore/aiohttp errors that s3fs did not translate
@@ -160,7 +165,7 @@ class S3Backend(Backend):
         try:
             data, etag, size = self._get(path, 0, want, None)
         except OSError as exc:
-            if "Range" not in str(exc):
+            if not _unsatisfiable(exc):
                 raise
             size, etag = self.identity_of(path)  # an empty object has no byte 0
             return Head(b"", size, etag)

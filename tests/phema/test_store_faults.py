@@ -140,3 +140,14 @@ def test_s3_server_dying_mid_upload_leaves_nothing_visible(s3_endpoint, s3_bucke
     # The dead server could not be told to abort: the parts stay, invisible, until an
     # S3 lifecycle rule (AbortIncompleteMultipartUpload) removes them.
     assert len(survivor.fs.list_multipart_uploads(s3_bucket.removeprefix("s3://"))) == 1
+
+
+def test_empty_file_is_named(store_root):
+    url = f"{store_root}/run"
+    store = _store_with_one(url)
+    store.write("phema-000000000128-0.0500.safetensors", b"")
+    store.flush()
+    with pytest.raises(
+        FormatError, match=r"phema-000000000128-0.0500.safetensors: file is 0 bytes"
+    ):
+        SnapshotStore(url).list()
