@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from phema._backends import Backend, Head, Staged
@@ -41,6 +41,39 @@ __all__ = ["HubBackend", "HubBatch"]
 _COMMIT_ATTEMPTS = 5
 
 
+class _NoAnswer(StorageError):
+    """A Hub call did not answer in time (it goes on in the background)."""
+
+
+class _MayLand(StorageError):
+    """A commit did not answer in time: it may still be published."""
+
+
+def _within(seconds: float, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or :class:`_NoAnswer` once ``seconds`` have passed.
+
+    huggingface_hub's HTTP client waits forever by default, so a stalled Hub would hang
+    training. The call runs on a daemon thread; one that does not answer in time is
+    left to finish (or not) on its own and never keeps the process from exiting.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="phema-hub-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise _NoAnswer(f"{what}: the Hub did not answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 class HubBatch:
     """Pending additions to one folder of one Hub repository.
 
@@ -50,15 +83,27 @@ class HubBatch:
         url: The store's URL, for messages.
         max_files: Commit as soon as this many files are pending.
         max_seconds: Commit on the next write once the oldest pending file is this old.
+        timeout: Seconds a small Hub request (repository and path metadata) may take.
+        upload_timeout: Seconds an upload or a commit may take before it is reported as
+            failed; a commit reported so may still land, and the error says so.
     """
 
     def __init__(
-        self, fs: Any, root: str, url: str, *, max_files: int = 32, max_seconds: float = 300.0
+        self,
+        fs: Any,
+        root: str,
+        url: str,
+        *,
+        max_files: int = 32,
+        max_seconds: float = 300.0,
+        timeout: float = 10.0,
+        upload_timeout: float = 600.0,
     ) -> None:
         if max_files < 1:
             raise ValueError(f"max_files must be >= 1, got {max_files}")
         self.fs, self.root, self.url = fs, root.rstrip("/"), url
         self.max_files, self.max_seconds = max_files, max_seconds
+        self.timeout, self.upload_timeout = timeout, upload_timeout
         self.commits = 0
         self._api: Any = None
         self._where: Any = None
@@ -93,7 +138,15 @@ class HubBatch:
             kind, parts = parts[0][:-1], parts[1:]
         repo_id = "/".join(parts[:2]).split("@", 1)[0]
         try:
-            self._api.create_repo(repo_id, repo_type=kind, private=True, exist_ok=True)
+            _within(
+                self.timeout,
+                f"creating {repo_id}",
+                self._api.create_repo,
+                repo_id,
+                repo_type=kind,
+                private=True,
+                exist_ok=True,
+            )
         except Exception as exc:
             raise StorageError(
                 f"{self.url}: the Hub repository {repo_id!r} does not exist and could not be "
@@ -125,8 +178,14 @@ class HubBatch:
             in_repo = f"{where.path_in_repo.strip('/')}/{name}".lstrip("/")
             op = CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=local)
         try:
-            self._api.preupload_lfs_files(
-                where.repo_id, additions=[op], repo_type=where.repo_type, revision=where.revision
+            _within(
+                self.upload_timeout,
+                f"uploading {self.url}/{name}",
+                self._api.preupload_lfs_files,
+                where.repo_id,
+                additions=[op],
+                repo_type=where.repo_type,
+                revision=where.revision,
             )
         except Exception as exc:
             os.unlink(local)
@@ -152,7 +211,7 @@ class HubBatch:
 
             self._api = HfApi(endpoint=self.fs.endpoint, token=self.fs.token)
         info = self._api.repo_info(
-            where.repo_id, repo_type=where.repo_type, revision=where.revision
+            where.repo_id, repo_type=where.repo_type, revision=where.revision, timeout=self.timeout
         )
         return str(info.sha)
 
@@ -164,8 +223,14 @@ class HubBatch:
 
     def _present(self, sha: str, paths: list[str]) -> set[str]:
         where = self._target()
-        found = self._api.get_paths_info(
-            where.repo_id, paths, repo_type=where.repo_type, revision=sha
+        found = _within(
+            self.timeout,
+            f"checking {self.url}",
+            self._api.get_paths_info,
+            where.repo_id,
+            paths,
+            repo_type=where.repo_type,
+            revision=sha,
         )
         return {str(f.path) for f in found}
 
@@ -208,7 +273,10 @@ class HubBatch:
                 if not ops:
                     break
                 try:
-                    self._api.create_commit(
+                    _within(
+                        self.upload_timeout,
+                        f"committing {len(ops)} file(s) to {self.url}",
+                        self._api.create_commit,
                         where.repo_id,
                         operations=ops,
                         commit_message=summary,
@@ -216,6 +284,11 @@ class HubBatch:
                         revision=where.revision,
                         parent_commit=head,
                     )
+                except _NoAnswer as exc:
+                    raise _MayLand(
+                        f"{exc}; the commit of {', '.join(names)} may still land: list the "
+                        "store before relying on it"
+                    ) from exc
                 except Exception as exc:
                     status = getattr(getattr(exc, "response", None), "status_code", None)
                     if status in (409, 412) and attempt + 1 < _COMMIT_ATTEMPTS:
@@ -223,7 +296,7 @@ class HubBatch:
                     raise
                 self.commits += 1
                 break
-        except ExistsError:
+        except (ExistsError, _MayLand):
             raise
         except Exception as exc:
             raise StorageError(

@@ -138,3 +138,34 @@ def test_listing_a_missing_repository_does_not_create_it(fake_hub, hub_repo):
 def _repo_or_none(fake_hub, url):
     owner, name = url.removeprefix("hf://").split("/")[:2]
     return fake_hub.repos.get(("model", f"{owner}/{name}"))
+
+
+def test_commit_without_an_answer_says_it_may_still_land(fake_hub, hub_repo, monkeypatch):
+    # huggingface_hub waits forever by default; phema gives a commit `upload_timeout`
+    # seconds and then reports it honestly: it may still land, so it is not "none was
+    # published". Whatever happens after, the file is listed whole or not at all.
+    import time
+
+    url = f"{hub_repo}/run"
+    store = SnapshotStore(url, hub_batch_files=100)
+    store.save({"w": torch.ones(3)}, t=64.0, std=0.05, gamma=16.97)
+    store.hub.upload_timeout = 0.5
+    real = store.hub._api.create_commit
+
+    def slow_commit(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.hub._api, "create_commit", slow_commit)
+    with pytest.raises(
+        StorageError, match=r"did not answer within 0.5 s; the commit of .* may still land"
+    ):
+        store.flush()
+    time.sleep(2.0)
+    try:
+        listed = SnapshotStore(url).list()
+    except StorageError as exc:  # it did not land: not even the folder exists
+        assert "does not exist" in str(exc)  # noqa: PT017
+        listed = []
+    for info in listed:
+        assert torch.equal(SnapshotStore(url).load(info)["w"], torch.ones(3))

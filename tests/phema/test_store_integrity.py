@@ -802,3 +802,46 @@ def test_s3_completion_whose_answers_are_all_lost_but_landed_is_reported_written
     store.write(name, _snapshot_bytes(7))
     assert len(tries) == store.fs.retries  # every try failed on the client
     assert store.backend.read_all(store.path_of(name)) == _snapshot_bytes(7)
+
+
+_HUB = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    import fakehub
+    hub, server = fakehub.start()
+    print(hub.endpoint, flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def test_stalled_hub_fails_listing_and_commits_with_named_errors():
+    # huggingface_hub's own timeouts bound every request (10 s by default); a stalled
+    # Hub fails listing and the commit of pending snapshots, naming the store and files.
+    server = subprocess.Popen(
+        [sys.executable, "-c", _HUB, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        endpoint = server.stdout.readline().strip()
+        opts = {"endpoint": endpoint, "token": "hf_phema_fake"}
+        url = f"hf://phema-test/stalled-{uuid.uuid4().hex[:8]}/run"
+        store = SnapshotStore(url, hub_batch_files=100, **opts)
+        store.write("phema-000000000064-0.0500.safetensors", _snapshot_bytes(0))
+        store.flush()
+        store.write("phema-000000000128-0.0500.safetensors", _snapshot_bytes(1, t=128.0))
+        os.kill(server.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(StorageError, match=f"cannot list {url}"):
+            SnapshotStore(url, **opts).list()
+        with pytest.raises(StorageError, match=r"phema-000000000128-0.0500.safetensors"):
+            store.flush()
+        assert time.monotonic() - start < 60  # a bound on a hang, not a speed figure
+        os.kill(server.pid, signal.SIGCONT)
+        assert [i.t for i in SnapshotStore(url, **opts).list()] == [64.0]  # nothing half-made
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.kill()
+        server.wait()
