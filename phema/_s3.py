@@ -4,7 +4,8 @@ A staged file is an s3fs multipart upload that is not completed (``autocommit=Fa
 its parts go up while it is written, nothing is visible. Publishing completes it, with
 ``If-None-Match: *`` unless ``overwrite``: S3 (and servers that implement conditional
 writes) refuses the completion when the key exists, so of two racing writers exactly
-one wins. A failed or discarded upload is aborted (best effort: a server that is gone
+one wins. A file smaller than one block never started an upload: it is published by
+one ``PutObject`` with the same condition (one request instead of three). A failed or discarded upload is aborted (best effort: a server that is gone
 cannot be told; an ``AbortIncompleteMultipartUpload`` lifecycle rule on the bucket
 removes such parts). With ``overwrite``, a file about to be replaced is first copied to
 a hidden backup key so that a failure later in the same publish can restore it.
@@ -47,6 +48,28 @@ def s3_options(options: dict[str, Any], timeout: float) -> dict[str, Any]:
     return out
 
 
+#: An upload slower than this many bytes per second counts as stalled.
+MIN_UPLOAD_RATE = 1 << 20
+
+
+def bound_calls(fs: Any, timeout: float, retries: int) -> None:
+    """Give every S3 API call of ``fs`` (a store's own instance) a deadline.
+
+    botocore's timeouts bound waiting for an answer, but not sending a body: an upload
+    (``PutObject``, ``UploadPart``, sent with ``Expect: 100-continue``) to a server that
+    accepts the connection and then stalls waits forever. Each call, retries included,
+    is cancelled after ``retries * (2 * timeout + 1 s + body / MIN_UPLOAD_RATE)``.
+    """
+
+    def call_s3(method: str, *args: Any, **kwargs: Any) -> Any:
+        body = kwargs.get("Body")
+        size = len(body) if isinstance(body, bytes | bytearray | memoryview) else 0
+        deadline = retries * (2 * timeout + 1.0 + size / MIN_UPLOAD_RATE)
+        return sync(fs.loop, fs._call_s3, method, *args, timeout=deadline, **kwargs)
+
+    fs.call_s3 = call_s3
+
+
 def _unsatisfiable(exc: BaseException) -> bool:
     """A ranged read past the end (HTTP 416): an empty object has no byte 0."""
     return "not satisfiable" in str(exc) or "InvalidRange" in str(exc)
@@ -68,12 +91,27 @@ class S3Backend(Backend):
         return Staged(name, path, self.fs.open(path, mode, autocommit=False))
 
     def _seal(self, s: Staged) -> None:
-        if not s.file.closed:
-            s.file.close()  # uploads the last part; the upload stays open
+        f: Any = s.file
+        if f.closed:
+            return
+        if f.offset is None and f.mpu is None:  # nothing sent: the file is all in the buffer
+            s.token = f.buffer.getvalue()
+            f.closed = True  # published by _put, never by s3fs
+            return
+        f.close()  # uploads the last part; the upload stays open
+
+    def _put(self, s: Staged, overwrite: bool) -> None:
+        bucket, key = self._split(s.path)
+        match = {} if overwrite else {"IfNoneMatch": "*"}
+        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=s.token, **match)
+        self.fs.invalidate_cache(s.path.rsplit("/", 1)[0])
 
     def _commit(self, s: Staged, overwrite: bool) -> None:
         try:
-            s.file.commit()  # type: ignore[attr-defined]  # If-None-Match: * unless overwrite
+            if isinstance(s.token, bytes):
+                self._put(s, overwrite)  # If-None-Match: * unless overwrite
+            else:
+                s.file.commit()  # type: ignore[attr-defined]  # the same condition
         except FileExistsError:
             if not self._is_ours(s):
                 raise self.exists_error(s) from None
@@ -93,25 +131,33 @@ class S3Backend(Backend):
                 raise
 
     def _is_ours(self, s: Staged) -> bool:
-        r"""Whether the object at ``s.path`` is the one ``s``'s multipart upload made.
+        r"""Whether the object at ``s.path`` is the one ``s``'s upload made, by its ETag.
 
-        S3's ETag of a multipart object is :math:`\mathrm{md5}(m_1 \| \dots \| m_n)`
-        followed by ``-n``, where :math:`m_i` are the parts' binary MD5s (their ETags).
+        A single ``PutObject``'s ETag is the MD5 of its bytes; a multipart object's is
+        :math:`\mathrm{md5}(m_1 \| \dots \| m_n)` followed by ``-n``, where :math:`m_i`
+        are the parts' binary MD5s (their ETags). (Buckets with SSE-KMS use other
+        ETags: there this check answers no, and the original error stands.)
         """
-        parts = getattr(s.file, "parts", None) or []
-        if not parts:
-            return False
-        digest = hashlib.md5(
-            b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts),
-            usedforsecurity=False,
-        ).hexdigest()
+        if isinstance(s.token, bytes):
+            expected = hashlib.md5(s.token, usedforsecurity=False).hexdigest()
+        else:
+            parts = getattr(s.file, "parts", None) or []
+            if not parts:
+                return False
+            digest = hashlib.md5(
+                b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts),
+                usedforsecurity=False,
+            ).hexdigest()
+            expected = f"{digest}-{len(parts)}"
         try:
             there = self.identity_of(s.path)[1]
         except FileNotFoundError:
             return False
-        return there.strip('"') == f"{digest}-{len(parts)}"
+        return there.strip('"') == expected
 
     def _discard_one(self, s: Staged) -> None:
+        if isinstance(s.token, bytes):
+            return  # nothing was sent
         try:
             s.file.discard()  # type: ignore[attr-defined]  # aborts the multipart upload
         finally:

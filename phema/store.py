@@ -56,7 +56,7 @@ from torch import Tensor
 
 from phema._backends import Backend, Staged, backend_for, protocols
 from phema._local import fsync_dir, link_noreplace, temp_name
-from phema._s3 import s3_options
+from phema._s3 import bound_calls, s3_options
 from phema.errors import (
     ExistsError,
     FormatError,
@@ -215,8 +215,9 @@ class SnapshotStore:
             self.fs, self.root = fsspec.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open {url!r}: {exc}") from exc
-        if own and isinstance(getattr(self.fs, "retries", None), int):
-            self.fs.retries = retries  # s3fs's retry loop (our own instance)
+        if own and "s3" in protocols(self.fs):  # our own instance: bound its calls
+            self.fs.retries = retries  # s3fs's retry loop
+            bound_calls(self.fs, timeout, retries)
         self.is_local = "file" in protocols(self.fs)
         self.hub: HubBatch | None = None
         self.backend: Backend
