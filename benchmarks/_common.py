@@ -24,11 +24,19 @@ import torch
 __all__ = [
     "device_name",
     "emit",
+    "fill_defaults",
     "sig",
     "summarize",
     "synchronize",
     "time_call",
 ]
+
+
+def fill_defaults(args: Any, defaults: dict[str, Any]) -> None:
+    """Set each ``args.<key>`` that the command line left as ``None`` to ``defaults[key]``."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def synchronize(device: torch.device) -> None:

@@ -84,7 +84,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import device_name, emit, sig, summarize
+from _common import device_name, emit, fill_defaults, sig, summarize
 from ema_update import FULL, QUICK, TINY, ModelSpec, build_model
 
 import phema
@@ -1052,9 +1052,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "reference_repeats": 2,
         "peer_repeats": 1,
     }
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, quick if args.quick else full)
     if args.window_bytes is None:
         args.window_bytes = WINDOW_BYTES
     args.spec = "quick" if args.quick else "full"

@@ -81,7 +81,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from _common import device_name, emit, sig, summarize
+from _common import device_name, emit, fill_defaults, sig, summarize
 from ema_update import build_model, perturb
 from reconstruct import (
     SPECS,
@@ -964,9 +964,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "write_rounds": 21,
         "s3_write_rounds": 7,
     }
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, quick if args.quick else full)
     args.spec = "quick" if args.quick else "full"
     args.s3_spec = "quick" if args.quick else "small"
     args.write_specs = ["quick", "tiny"] if args.quick else ["full", "quick"]

@@ -6,10 +6,11 @@ same name; several staged files are published together or not at all: a failure 
 way rolls back what was already published (restoring any file that ``overwrite``
 replaced) and discards the rest.
 
-Every read names the *identity* of the file version it expects, taken when the file's
+A read may name the *identity* of the file version it expects, taken when the file's
 header was read (local: device, inode, size and mtime; S3: the ETag; memory: the
 object and its creation time; Hub: the commit the listing was made at). A read from
-another version raises :class:`~phema.errors.ChangedError`.
+another version raises :class:`~phema.errors.ChangedError`; a read that names none
+reads whatever is there, with no extra request.
 
 Backends (one class each): local disk (:mod:`phema._local`), S3 (:mod:`phema._s3`),
 ``memory://`` and any other fsspec filesystem (here), and the Hub (:mod:`phema.hub`).
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from phema.errors import ChangedError, ExistsError, FormatError, StorageError
+from phema.errors import ChangedError, ExistsError, FormatError
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ class _Undo:
 
     staged: Staged
     backup: str | None  # where the replaced file was kept, if any
-    marker: Any = None
 
 
 class Backend:
@@ -167,8 +167,8 @@ class Backend:
             raise self.changed(path)
         return Head(data, size, identity)
 
-    def read_into(self, path: str, start: int, out: memoryview, identity: str) -> None:
-        if self.identity_of(path)[1] != identity:
+    def read_into(self, path: str, start: int, out: memoryview, identity: str | None) -> None:
+        if identity is not None and self.identity_of(path)[1] != identity:
             raise self.changed(path)
         data = self.fs.cat_file(path, start=start, end=start + len(out))
         if len(data) != len(out):
@@ -235,19 +235,22 @@ class MemoryBackend(Backend):
             raise FileNotFoundError(path)
         return obj
 
-    def identity_of(self, path: str) -> tuple[int, str]:
-        obj = self._object(path)
+    @staticmethod
+    def _identity(obj: Any) -> tuple[int, str]:
         size = len(obj.getbuffer())
         return size, f"{id(obj)}:{obj.created.isoformat()}:{size}"
 
+    def identity_of(self, path: str) -> tuple[int, str]:
+        return self._identity(self._object(path))
+
     def head(self, path: str, want: int) -> Head:
         obj = self._object(path)
-        size, identity = self.identity_of(path)
+        size, identity = self._identity(obj)
         return Head(bytes(obj.getbuffer()[:want]), size, identity)
 
-    def read_into(self, path: str, start: int, out: memoryview, identity: str) -> None:
+    def read_into(self, path: str, start: int, out: memoryview, identity: str | None) -> None:
         obj = self._object(path)
-        if self.identity_of(path)[1] != identity:
+        if identity is not None and self._identity(obj)[1] != identity:
             raise self.changed(path)
         data = obj.getbuffer()[start : start + len(out)]
         if len(data) != len(out):
@@ -274,10 +277,3 @@ def backend_for(fs: Any, url: str) -> Backend:
 
         return S3Backend(fs, url)
     return Backend(fs, url)
-
-
-def storage_error(url: str, what: str, exc: BaseException) -> StorageError:
-    """``exc`` (any backend's error) as one line that names the URL and the action."""
-    if isinstance(exc, StorageError | FormatError):
-        return exc  # type: ignore[return-value]
-    return StorageError(f"{what} {url} failed: {type(exc).__name__}: {exc}")

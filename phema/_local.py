@@ -157,14 +157,14 @@ class LocalBackend(Backend):
             os.close(fd)
         return Head(data, st.st_size, _identity(st))
 
-    def read_into(self, path: str, start: int, out: memoryview, identity: str) -> None:
+    def read_into(self, path: str, start: int, out: memoryview, identity: str | None) -> None:
         """One ``preadv`` straight into ``out``, from the version listed (checked by ``fstat``)."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise self.changed(path) from None
         try:
-            if _identity(os.fstat(fd)) != identity:
+            if identity is not None and _identity(os.fstat(fd)) != identity:
                 raise self.changed(path)
             got = 0
             while got < len(out) and (n := os.preadv(fd, [out[got:]], start + got)):

@@ -30,14 +30,13 @@ from phema.errors import StorageError
 
 
 def s3_options(options: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """``options`` with phema's defaults for a store: its own instance, timeouts, retries.
+    """``options`` with phema's defaults for a store's S3 requests: timeouts and retries.
 
     Every request gives up after ``timeout`` seconds without progress (connecting or
     waiting for the answer). botocore's own retries are turned off so that they do not
     multiply s3fs's (the store sets ``fs.retries``). The caller's ``config_kwargs`` win.
     """
     out = dict(options)
-    out.setdefault("skip_instance_cache", True)
     config = {
         "connect_timeout": timeout,
         "read_timeout": timeout,
@@ -205,9 +204,6 @@ class S3Backend(Backend):
         return int(info["size"]), str(info["ETag"])
 
     def head(self, path: str, want: int) -> Head:
-        if want <= 0:
-            size, etag = self.identity_of(path)
-            return Head(b"", size, etag)
         try:
             data, etag, size = self._get(path, 0, want, None)
         except OSError as exc:
@@ -217,7 +213,7 @@ class S3Backend(Backend):
             return Head(b"", size, etag)
         return Head(data, size, etag)
 
-    def read_into(self, path: str, start: int, out: memoryview, identity: str) -> None:
+    def read_into(self, path: str, start: int, out: memoryview, identity: str | None) -> None:
         data, _, _ = self._get(path, start, start + len(out), identity)
         if len(data) != len(out):
             raise self.truncated(path, start, start + len(out), len(data))

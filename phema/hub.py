@@ -394,18 +394,13 @@ class HubBackend(Backend):
         s.file.close()
         shutil.rmtree(os.path.dirname(s.token), ignore_errors=True)
 
-    def identity_of(self, path: str) -> tuple[int, str]:
-        """Size and identity: the (pinned) path itself."""
-        info = self.fs.info(path)
-        return int(info["size"]), path
-
     def head(self, path: str, want: int) -> Head:
         """The first ``want`` bytes of ``path`` (pinned by :meth:`pin`)."""
         size = int(self.fs.info(path)["size"])
         return Head(self._fetch(path, 0, min(want, size)), size, path)
 
-    def read_into(self, path: str, start: int, out: memoryview, identity: str) -> None:
-        """One exact HTTP range of ``path`` into ``out``."""
+    def read_into(self, path: str, start: int, out: memoryview, identity: str | None) -> None:
+        """One exact HTTP range of ``path`` (pinned to a commit by :meth:`pin`) into ``out``."""
         data = self._fetch(path, start, start + len(out))
         if len(data) != len(out):
             raise self.truncated(path, start, start + len(out), len(data))

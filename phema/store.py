@@ -258,11 +258,7 @@ class SnapshotStore:
                 if exist_ok and name not in self.hub.pending and self._holds(path, data):
                     return path
                 if exist_ok:
-                    raise ExistsError(
-                        f"{self.url}/{name} exists with other bytes than this snapshot "
-                        "(another run, or another model or settings, wrote it); move it away "
-                        "or write to a new store"
-                    )
+                    raise self._other_bytes(name)
                 raise self.backend.exists_error(Staged(name, path, io.BytesIO()))
             self.hub.add(name, data, overwrite=overwrite)
             return path
@@ -279,10 +275,7 @@ class SnapshotStore:
                 raise
             if self._holds(path, data):
                 return path
-            raise ExistsError(
-                f"{self.url}/{name} exists with other bytes than this snapshot (another run, "
-                "or another model or settings, wrote it); move it away or write to a new store"
-            ) from None
+            raise self._other_bytes(name) from None
         except PhemaError:
             raise
         except Exception as exc:  # botocore/aiohttp errors are not all OSErrors
@@ -291,6 +284,12 @@ class SnapshotStore:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         return path
+
+    def _other_bytes(self, name: str) -> ExistsError:
+        return ExistsError(
+            f"{self.url}/{name} exists with other bytes than this snapshot (another run, "
+            "or another model or settings, wrote it); move it away or write to a new store"
+        )
 
     def _holds(self, path: str, data: bytes) -> bool:
         try:
@@ -347,11 +346,10 @@ class SnapshotStore:
         """Bytes ``[start, end)`` of ``path``, by one exact ranged read.
 
         With ``identity`` (:attr:`SnapshotInfo.identity`), the read fails with
-        :class:`~phema.errors.ChangedError` unless the file is still the version listed.
+        :class:`~phema.errors.ChangedError` unless the file is still the version listed;
+        without, it reads what is there now (no extra request).
         """
         out = bytearray(end - start)
-        if identity is None:
-            identity = self.backend.identity_of(path)[1]
         self.backend.read_into(path, start, memoryview(out), identity)
         return bytes(out)
 
@@ -364,8 +362,6 @@ class SnapshotStore:
         so a caller that reuses its buffers allocates nothing per read. ``identity`` as
         in :meth:`read_range`.
         """
-        if identity is None:
-            identity = self.backend.identity_of(path)[1]
         self.backend.read_into(path, start, out, identity)
 
     def list(self) -> list[SnapshotInfo]:

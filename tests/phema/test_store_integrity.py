@@ -58,6 +58,15 @@ def _ema(seed=0, stds=(0.05, 0.10), steps=3):
     return net, ema
 
 
+def _write_run(url, saves):
+    """A store of ``saves`` snapshots (2 profiles each) of :func:`_ema`, one every 64 steps."""
+    _, ema = _ema()
+    with SnapshotWriter(url) as writer:
+        for _ in range(saves):
+            ema.update(ema.t + 64)
+            writer.save(ema)
+
+
 def _s3_env(endpoint):
     env = dict(os.environ)
     env["FSSPEC_S3_ENDPOINT_URL"] = endpoint
@@ -325,11 +334,7 @@ def test_reconstructions_racing_for_one_out_folder(tmp_path):
     # Two `phema reconstruct` runs to one --out without --overwrite: exactly one exits 0;
     # the other exits 1 with a one-line error naming an output; the outputs are whole.
     run = str(tmp_path / "run")
-    _, ema = _ema()
-    with SnapshotWriter(run) as writer:
-        for _ in range(6):
-            ema.update(ema.t + 64)
-            writer.save(ema)
+    _write_run(run, saves=6)
     out = str(tmp_path / "out")
     phema_cli = [sys.executable, "-m", "phema_cli"]
     args = ["reconstruct", run, "--std", "0.06,0.07,0.08", "--out", out, "--window-mb", "0.001"]
@@ -384,11 +389,7 @@ def test_failing_kth_output_publishes_none_and_restores_replaced_ones(
     # exactly what it held before (nothing, or the earlier outputs byte for byte, when
     # overwrite=True had replaced some), with no temporary file or upload left.
     run, out = f"{store_root}/run", f"{store_root}/out"
-    _, ema = _ema()
-    with SnapshotWriter(run) as writer:
-        for _ in range(4):
-            ema.update(ema.t + 64)
-            writer.save(ema)
+    _write_run(run, saves=4)
     stds = [0.06, 0.07, 0.08]
     out_store = SnapshotStore(out)
     before = {}
@@ -445,11 +446,7 @@ def test_snapshot_replaced_between_plan_and_read_is_refused(store_root):
     # Nothing mixed: a snapshot rewritten (same name, same size, other bytes) after the
     # plan was made fails the pass with an error naming it, and no output appears.
     run, out = f"{store_root}/run", f"{store_root}/out"
-    _, ema = _ema()
-    with SnapshotWriter(run) as writer:
-        for _ in range(4):
-            ema.update(ema.t + 64)
-            writer.save(ema)
+    _write_run(run, saves=4)
     src = SnapshotStore(run)
     the_plan = plan(src, [0.07])
     (reference,) = write_plan(the_plan, src, f"{store_root}/reference")
@@ -595,11 +592,7 @@ def test_other_fsspec_filesystems_get_the_same_promises_but_races(tmp_path, monk
 
     fsspec.register_implementation("phemageneric", _GenericFS, clobber=True)
     run, out = f"phemageneric://{tmp_path}/run", f"phemageneric://{tmp_path}/out"
-    _, ema = _ema()
-    with SnapshotWriter(run) as writer:
-        for _ in range(3):
-            ema.update(ema.t + 64)
-            writer.save(ema)
+    _write_run(run, saves=3)
     store = SnapshotStore(run)
     assert type(store.backend).__name__ == "Backend"
     infos = store.list()
