@@ -198,3 +198,22 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     with SnapshotWriter(str(tmp_path)) as writer:
         writer.save(ema)
     assert not os.path.exists(tmp_path / "phema-000000000320-0.0500.safetensors")
+
+
+def test_atomic_write_without_overwrite_never_replaces(tmp_path):
+    # Nothing lost: the file already there keeps its bytes, and no temporary file stays.
+    from phema import ExistsError
+    from phema.store import atomic_write
+
+    path = tmp_path / "grid.png"
+    path.write_bytes(b"first")
+    with (
+        pytest.raises(ExistsError, match=r"grid\.png exists"),
+        atomic_write(str(path), overwrite=False) as f,
+    ):
+        f.write(b"second")
+    assert path.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["grid.png"]
+    with atomic_write(str(path)) as f:  # the default replaces, as before
+        f.write(b"second")
+    assert path.read_bytes() == b"second"
