@@ -134,16 +134,18 @@ class FusedShadows:
         num_profiles: int,
         dtype: torch.dtype | None = None,
         layout: Layout = "auto",
+        device: torch.device | None = None,
     ) -> None:
         self.k = num_profiles
         self.sources = list(sources)
         self.entries: list[_Entry] = []
         for src in self.sources:
             sdtype = dtype or torch.promote_types(src.dtype, torch.float32)
-            blocked = layout == "blocked" or (layout == "auto" and src.device.type == "cpu")
+            where = src.device if device is None else device
+            blocked = layout == "blocked" or (layout == "auto" and where.type == "cpu")
             n = src.numel()
-            storage = torch.zeros(self.k * n, dtype=sdtype, device=src.device)
-            direct = src.dtype == sdtype and src.is_contiguous()
+            storage = torch.zeros(self.k * n, dtype=sdtype, device=where)
+            direct = src.dtype == sdtype and src.is_contiguous() and src.device == where
             self.entries.append(
                 _Entry(src.shape, n, storage, _segments(n, blocked), direct, blocked)
             )
@@ -190,7 +192,7 @@ class FusedShadows:
         if ptrs == self._ptrs:
             return
         for src, e in zip(self.sources, self.entries, strict=True):
-            if src.shape != e.shape or src.device != e.storage.device:
+            if src.shape != e.shape or (e.direct and src.device != e.storage.device):
                 raise TrackingError(
                     f"a tracked tensor changed from {tuple(e.shape)} on {e.storage.device} to "
                     f"{tuple(src.shape)} on {src.device}"
@@ -210,8 +212,14 @@ class FusedShadows:
         self._ptrs = ptrs
 
     @torch.no_grad()
-    def lerp(self, weights: Sequence[float]) -> None:
-        """``shadow[k] += weights[k] * (source - shadow[k])`` for every profile ``k``."""
+    def lerp(self, weights: Sequence[float], sources: Sequence[Tensor] | None = None) -> None:
+        """``shadow[k] += weights[k] * (source - shadow[k])`` for every profile ``k``.
+
+        ``sources`` replaces the tracked tensors by views of the same shapes (the
+        current local shards of DTensors, whose wrappers may change between calls).
+        """
+        if sources is not None:
+            self.sources = list(sources)
         self._refresh_direct()
         for step in self._direct:
             step.run(weights)
@@ -220,8 +228,10 @@ class FusedShadows:
             staged.step.run(weights)
 
     @torch.no_grad()
-    def copy_from_sources(self) -> None:
+    def copy_from_sources(self, sources: Sequence[Tensor] | None = None) -> None:
         """Set every profile to the current sources (the first update)."""
+        if sources is not None:
+            self.sources = list(sources)
         for src, e, sviews in zip(self.sources, self.entries, self._shadow_views, strict=True):
             flat = src.detach().reshape(-1)
             for view, sv in zip(sviews, e.source_views(flat), strict=True):

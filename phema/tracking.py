@@ -29,6 +29,18 @@ import torch
 from torch import Tensor, nn
 
 from phema._shadow import FusedShadows
+from phema._tracked import (
+    Piece,
+    as_dtensor,
+    find_stale,
+    full_value,
+    is_dtensor,
+    make_links,
+    make_piece,
+    shard_placements,
+    world,
+    world_mesh,
+)
 from phema.errors import StateError, TrackingError
 from phema.memory import Snapshot
 from phema.profiles import power_weight, sigma_rel_to_gamma
@@ -66,11 +78,27 @@ class PowerFunctionEMA:
     Args:
         module: The model being trained (DDP and ``torch.compile`` wrappers are
             unwrapped, so names never carry ``module.`` / ``_orig_mod.``). Create the
-            EMA after the model is on its device and in its dtype; parameters are
-            held by reference, as an optimizer holds them.
+            EMA after the model is on its device, in its dtype and sharded (FSDP2's
+            ``fully_shard``); parameters are held by reference, as an optimizer
+            holds them, and one replaced afterwards raises :class:`TrackingError`.
         stds: Relative stds of the profiles to track, each in ``(0, 0.2887]``.
         buffers: Buffer policy, see :data:`BufferPolicy`.
         dtype: Shadow dtype; default float32, or float64 for float64 parameters.
+        partition: Under ``torch.distributed`` with replicated parameters (DDP):
+            each rank tracks only its ``torch.chunk`` of every tensor's rows, so EMA
+            memory and update work per rank fall by the world size. Every rank must
+            then create the EMA and call :meth:`update`; reading a whole profile
+            (:meth:`profile`, :meth:`swapped`, :meth:`profile_state_dict`,
+            :meth:`copy_module`, :meth:`snapshot`) is a collective that every rank
+            must call. Off by default: an EMA made on one rank only would silently
+            track a fraction of the model.
+        device: Where the shadows live (``"cpu"`` keeps them in host memory while
+            the model trains on an accelerator); default: each parameter's device.
+
+    Sharded parameters (DTensors, as FSDP2 makes them) are tracked shard by shard on
+    each rank with no collective in :meth:`update`; profiles and states come back as
+    DTensors with the parameters' placements (``profile_state_dict(std, full=True)``
+    gathers plain tensors).
 
     Example:
         >>> net = nn.Linear(4, 2)
@@ -89,6 +117,8 @@ class PowerFunctionEMA:
         *,
         buffers: BufferPolicy = "copy",
         dtype: torch.dtype | None = None,
+        partition: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         std_list = [float(s) for s in stds]
         if not std_list:
@@ -104,15 +134,24 @@ class PowerFunctionEMA:
         self.module = unwrap_module(module)
         self.buffer_policy: BufferPolicy = buffers
         named: list[tuple[str, Tensor]] = list(self.module.named_parameters())
+        averaged_buffers = set()
         if buffers == "average":
-            named += [(n, b) for n, b in self.module.named_buffers() if b.is_floating_point()]
+            extra = [(n, b) for n, b in self.module.named_buffers() if b.is_floating_point()]
+            named += extra
+            averaged_buffers = {n for n, _ in extra}
         for name, tensor in named:
             if not tensor.is_floating_point():
                 raise TrackingError(f"parameter {name!r} has dtype {tensor.dtype}; only floats")
+        mesh = None
+        if partition and world()[1] > 1:
+            mesh = world_mesh(named[0][1].device if named else torch.device("cpu"))
         self._names = tuple(n for n, _ in named)
-        self._tensors = [t for _, t in named]
-        self._index_of = {id(t): i for i, t in enumerate(self._tensors)}
-        self._shadows = FusedShadows(self._tensors, len(std_list), dtype)
+        self._pieces = [make_piece(n, t, mesh) for n, t in named]
+        self._links = make_links(self.module, self._names, averaged_buffers)
+        self._full = all(p.kind == "full" for p in self._pieces)
+        self._index_of = {id(t): i for i, (_, t) in enumerate(named)}
+        where = torch.device(device) if device is not None else None
+        self._shadows = FusedShadows(self._sources(), len(std_list), dtype, device=where)
         self._t = 0.0
         self._num_updates = 0
 
@@ -141,6 +180,37 @@ class PowerFunctionEMA:
         """Names of the averaged tensors (parameters, then averaged buffers)."""
         return self._names
 
+    @property
+    def sharded(self) -> bool:
+        """Whether this process holds only part of some tensors (FSDP2 or ``partition``)."""
+        return not self._full
+
+    @property
+    def pieces(self) -> tuple[Piece, ...]:
+        """What this process tracks of each averaged tensor (rows, placement, writer)."""
+        return tuple(self._pieces)
+
+    def _sources(self) -> list[Tensor]:
+        if self._full:
+            return [p.obj for p in self._pieces]
+        return [p.obj if p.kind == "full" else p.local() for p in self._pieces]
+
+    def check_tracking(self) -> None:
+        """Raise :class:`TrackingError` if a tracked tensor is no longer the module's.
+
+        Runs at every :meth:`update` and before every read of a profile.
+        """
+        stale = find_stale(self._links)
+        if stale is None:
+            return
+        what = "parameter" if stale.path == stale.name else f"submodule {stale.path!r} of"
+        raise TrackingError(
+            f"{what} {stale.name!r} is no longer the one this EMA tracks: it was replaced "
+            "after the EMA was made (a new submodule, load_state_dict(assign=True), or "
+            "fully_shard). Create the EMA after such changes; to keep its history, "
+            "make a new PowerFunctionEMA and load_state_dict(old.state_dict()) into it"
+        )
+
     @torch.no_grad()
     def update(self, t: float) -> None:
         """Fold the module's current weights into every profile at training time ``t``.
@@ -149,7 +219,8 @@ class PowerFunctionEMA:
             t: Training time after the step just taken; must exceed the previous one.
 
         Raises:
-            TrackingError: If ``t`` is not finite or not larger than the last time.
+            TrackingError: If ``t`` is not finite or not larger than the last time, or
+                a tracked parameter was replaced.
         """
         t = float(t)
         if not (math.isfinite(t) and t > self._t):
@@ -157,10 +228,12 @@ class PowerFunctionEMA:
                 f"update time must be finite and increase: got t={t} after t={self._t}; "
                 "pass the training time after each step (e.g. images seen)"
             )
+        self.check_tracking()
+        sources = None if self._full else self._sources()
         if self._t == 0.0:
-            self._shadows.copy_from_sources()
+            self._shadows.copy_from_sources(sources)
         else:
-            self._shadows.lerp([power_weight(g, self._t, t) for g in self._gammas])
+            self._shadows.lerp([power_weight(g, self._t, t) for g in self._gammas], sources)
         self._t = t
         self._num_updates += 1
 
@@ -171,40 +244,70 @@ class PowerFunctionEMA:
                 return k
         raise TrackingError(f"no tracked profile with std {std}; tracked stds are {self._stds}")
 
-    def profile(self, std: float) -> dict[str, Tensor]:
-        """Averaged tensors of one profile, ``{name: tensor}`` in the shadow dtype (copies)."""
-        k = self.index(std)
-        return {n: self._shadows.get(i, k) for i, n in enumerate(self._names)}
+    def _value(self, i: int, k: int, full: bool) -> Tensor:
+        """Profile ``k`` of tensor ``i``: local rows as a DTensor, or gathered when ``full``."""
+        piece, local = self._pieces[i], self._shadows.get(i, k)
+        if piece.kind == "full":
+            return local
+        if piece.kind == "dtensor" and not full:
+            return as_dtensor(piece, local)
+        return full_value(piece, local)
 
-    def profile_state_dict(self, std: float) -> dict[str, Tensor]:
+    def profile(self, std: float, *, full: bool = False) -> dict[str, Tensor]:
+        """Averaged tensors of one profile, ``{name: tensor}`` in the shadow dtype (copies).
+
+        DTensor parameters give DTensors (no collective) unless ``full``; partitioned
+        tensors are gathered (a collective: every rank must call).
+        """
+        k = self.index(std)
+        self.check_tracking()
+        return {n: self._value(i, k, full) for i, n in enumerate(self._names)}
+
+    def profile_state_dict(self, std: float, *, full: bool = False) -> dict[str, Tensor]:
         """A full ``module.state_dict()`` with one profile's weights, ready to load.
 
-        Averaged entries come from the profile (shadow dtype), all other entries
-        (buffers under the ``"copy"`` policy, integer buffers) are copies of the live
-        module's.
+        Averaged entries come from the profile (shadow dtype), as in :meth:`profile`;
+        other entries (buffers under the ``"copy"`` policy, integer buffers) are copies
+        of the live module's. A parameter the EMA does not track raises
+        :class:`TrackingError` rather than being filled from the live module.
         """
         k = self.index(std)
         self._require_updated()
+        self.check_tracking()
         out: dict[str, Tensor] = {}
         for key, value in self.module.state_dict(keep_vars=True).items():
             i = self._index_of.get(id(value))
-            out[key] = self._shadows.get(i, k) if i is not None else value.detach().clone()
+            if i is not None:
+                out[key] = self._value(i, k, full)
+            elif isinstance(value, nn.Parameter) or (
+                self.buffer_policy == "average" and value.is_floating_point()
+            ):
+                raise TrackingError(
+                    f"{key!r} is in the module's state but not tracked by this EMA (added "
+                    "after the EMA was made); create the EMA after building the model"
+                )
+            else:
+                copy_ = value.detach().clone()
+                out[key] = copy_.full_tensor() if full and is_dtensor(copy_) else copy_  # type: ignore[attr-defined]
         return out
 
     def snapshot(self, dtype: torch.dtype | None = None) -> list[Snapshot]:
         """Copies of every profile at the current time, one :class:`Snapshot` each.
+
+        Tensors are whole (gathered under sharding: a collective every rank must call).
 
         Args:
             dtype: Storage dtype of the copies (e.g. ``torch.float16``); default the
                 shadow dtype.
         """
         self._require_updated()
+        self.check_tracking()
         return [
             Snapshot(
                 self._t,
                 std,
                 {
-                    n: self._shadows.get(i, k).to(dtype or self._shadows.dtype_of(i))
+                    n: self._value(i, k, True).to(dtype or self._shadows.dtype_of(i))
                     for i, n in enumerate(self._names)
                 },
             )
@@ -216,24 +319,42 @@ class PowerFunctionEMA:
         """Context manager: the module holds profile ``std``'s weights inside the block.
 
         The training weights are kept in one temporary copy of the tracked tensors and
-        restored on exit, also when the block raises.
+        restored on exit, also when the block raises. Sharded parameters get their
+        shards (no collective); partitioned ones are gathered (a collective).
         """
         k = self.index(std)
         self._require_updated()
+        self.check_tracking()
         with torch.no_grad():
-            saved = [t.detach().clone() for t in self._tensors]
-            for i, t in enumerate(self._tensors):
-                t.copy_(self._shadows.get(i, k))
+            targets = [p.local() if p.kind == "dtensor" else p.obj.detach() for p in self._pieces]
+            values = [
+                self._shadows.get(i, k) if p.kind != "partitioned" else self._value(i, k, True)
+                for i, p in enumerate(self._pieces)
+            ]
+            saved = [t.clone() for t in targets]
+            for t, v in zip(targets, values, strict=True):
+                t.copy_(v)
         try:
             yield self.module
         finally:
             with torch.no_grad():
-                for t, s in zip(self._tensors, saved, strict=True):
+                for t, s in zip(targets, saved, strict=True):
                     t.copy_(s)
 
     def copy_module(self, std: float) -> nn.Module:
-        """A deep copy of the module holding profile ``std``, in eval mode, frozen."""
-        state = self.profile_state_dict(std)
+        """A deep copy of the module holding profile ``std``, in eval mode, frozen.
+
+        Partitioned tensors are gathered (a collective). A module sharded with FSDP2
+        cannot be deep-copied: load ``profile_state_dict(std, full=True)`` into an
+        unsharded model instead.
+        """
+        if any(p.kind == "dtensor" for p in self._pieces):
+            raise TrackingError(
+                "copy_module cannot copy a module sharded with fully_shard; load "
+                "ema.profile_state_dict(std, full=True) (every rank calls it) into an "
+                "unsharded copy of the model instead"
+            )
+        state = self.profile_state_dict(std, full=True)
         clone = copy.deepcopy(self.module)
         clone.load_state_dict(state)
         clone.requires_grad_(False)
@@ -246,14 +367,19 @@ class PowerFunctionEMA:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bitwise: times, stds and every shadow.
 
-        Shadows are stored per name as one tensor of shape ``[num_profiles, *shape]``.
-        The result holds only tensors and plain Python values, so it round-trips
-        through ``torch.save`` / ``torch.load(weights_only=True)``.
+        Shadows are stored per name as one tensor of shape ``[num_profiles, *shape]``:
+        plain tensors for an unsharded EMA (round-trip through ``torch.save`` /
+        ``torch.load(weights_only=True)``), DTensors sharded on dim 1 for a sharded or
+        partitioned one, so that ``torch.distributed.checkpoint`` saves each rank's
+        rows and loads them back on any number of ranks.
         """
-        shadows = {
-            n: torch.stack([self._shadows.get(i, k) for k in range(len(self._stds))])
-            for i, n in enumerate(self._names)
-        }
+        shadows = {}
+        for i, n in enumerate(self._names):
+            stacked = torch.stack([self._shadows.get(i, k) for k in range(len(self._stds))])
+            piece = self._pieces[i]
+            shadows[n] = (
+                stacked if piece.kind == "full" else as_dtensor(piece, stacked, (len(self._stds),))
+            )
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
@@ -265,7 +391,12 @@ class PowerFunctionEMA:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; raises :class:`StateError` on any mismatch."""
+        """Restore a :meth:`state_dict`; raises :class:`StateError` on any mismatch.
+
+        A state saved unsharded loads into a sharded or partitioned EMA (each rank
+        takes its rows); a sharded one needs the same placements (load it with
+        ``torch.distributed.checkpoint`` into this EMA's :meth:`state_dict` first).
+        """
         if state.get("format") != _STATE_FORMAT or state.get("version") != _STATE_VERSION:
             raise StateError(
                 f"not a PowerFunctionEMA state (format={state.get('format')!r}, "
@@ -283,19 +414,39 @@ class PowerFunctionEMA:
             )
         shadows: Mapping[str, Tensor] = state["shadows"]
         _check_names(set(shadows), set(self._names))
-        for i, name in enumerate(self._names):
-            value = shadows[name]
-            want = (len(self._stds), *self._tensors[i].shape)
-            if tuple(value.shape) != want or value.dtype != self._shadows.dtype_of(i):
-                raise StateError(
-                    f"saved shadow {name!r} is {value.dtype} {tuple(value.shape)}, expected "
-                    f"{self._shadows.dtype_of(i)} {want}"
-                )
-        for i, name in enumerate(self._names):
+        locals_ = [self._local_rows(name, shadows[name], i) for i, name in enumerate(self._names)]
+        for i, value in enumerate(locals_):
             for k in range(len(self._stds)):
-                self._shadows.set(i, k, shadows[name][k])
+                self._shadows.set(i, k, value[k])
         self._t = float(state["t"])
         self._num_updates = int(state["num_updates"])
+
+    def _local_rows(self, name: str, value: Tensor, i: int) -> Tensor:
+        """This process's rows of a saved shadow ``[K, *shape]``, checked."""
+        piece, k = self._pieces[i], len(self._stds)
+        dtype = self._shadows.dtype_of(i)
+        if is_dtensor(value):
+            local = value.to_local()  # type: ignore[attr-defined]
+            same = piece.kind != "full" and tuple(value.placements) == shard_placements(piece, 1)  # type: ignore[attr-defined]
+            if not same:
+                raise StateError(
+                    f"saved shadow {name!r} is sharded as {tuple(value.placements)}, which "  # type: ignore[attr-defined]
+                    "does not match this EMA; load it with torch.distributed.checkpoint into "
+                    "this EMA's state_dict() first"
+                )
+            want_shape, got = (k, *piece.shape), tuple(value.shape)
+        else:
+            got, want_shape = tuple(value.shape), (k, *piece.shape)
+            local = value if piece.kind == "full" else value[:, piece.r0 : piece.r1]
+        if (
+            got != want_shape
+            or value.dtype != dtype
+            or tuple(local.shape) != (k, *piece.local_shape)
+        ):
+            raise StateError(
+                f"saved shadow {name!r} is {value.dtype} {got}, expected {dtype} {want_shape}"
+            )
+        return local
 
     def __repr__(self) -> str:
         return (
