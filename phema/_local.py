@@ -88,9 +88,14 @@ class LocalBackend(Backend):
 
     def stage(self, name: str, path: str, overwrite: bool) -> Staged:
         folder = os.path.dirname(path)
+        created = []  # folders made here: their entries in their parents are synced too
+        probe = folder
+        while probe and not os.path.isdir(probe):
+            created.append(probe)
+            probe = os.path.dirname(probe)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, temp_name(name))
-        return Staged(name, path, open(tmp, "wb"), token=tmp)
+        tmp = os.path.join(folder, temp_name(os.path.basename(path)))
+        return Staged(name, path, open(tmp, "wb"), token=tmp, extra={"created": created})
 
     def _seal(self, s: Staged) -> None:
         if not s.file.closed:
@@ -101,8 +106,11 @@ class LocalBackend(Backend):
 
     def publish(self, staged: Any, overwrite: bool) -> None:
         super().publish(staged, overwrite)
-        for folder in {os.path.dirname(s.path) for s in staged}:
-            fsync_dir(folder)
+        folders = {os.path.dirname(s.path) for s in staged}
+        for s in staged:
+            folders.update(os.path.dirname(c) for c in s.extra.get("created", ()))
+        for folder in folders:
+            fsync_dir(folder or ".")
 
     def _publish_one(self, s: Staged, overwrite: bool) -> _Undo:
         tmp: str = s.token
@@ -116,7 +124,7 @@ class LocalBackend(Backend):
             return _Undo(s, None)
         backup = None
         if os.path.exists(s.path):
-            backup = os.path.join(os.path.dirname(s.path), temp_name(s.name))
+            backup = os.path.join(os.path.dirname(s.path), temp_name(os.path.basename(s.path)))
             try:
                 os.link(s.path, backup)
             except FileNotFoundError:

@@ -36,6 +36,7 @@ from phema._backends import Staged
 from phema._stream import plan_windows, stream
 from phema.errors import ExistsError, OptionError, PhemaError, StorageError
 from phema.format import FORMAT_VERSION, check_storage_dtype, encode_header
+from phema.shards import read_logical, verify_shards
 from phema.solver import Fit, fit_profiles
 from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
 from phema.targets import PowerProfile, power_density
@@ -111,7 +112,7 @@ def plan(
     )
     used = [r for r in range(len(infos)) if any(solution.weights[r] != 0.0)]
     return Plan(
-        [infos[r] for r in used],
+        [verify_shards(store, infos[r]) for r in used],
         [[float(w) for w in solution.weights[r]] for r in used],
         solution.fits,
         t,
@@ -226,9 +227,7 @@ def write_plan(
         for f, head in zip(files, headers, strict=True):
             f.write(head)
         stream(
-            lambda r, offset, buf: src.read_into(
-                inputs[r].path, inputs[r].header.data_start + offset, buf, inputs[r].identity
-            ),
+            lambda r, offset, buf: read_logical(src, inputs[r], offset, buf),
             windows,
             weights,
             latest,

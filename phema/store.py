@@ -44,7 +44,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -68,6 +68,7 @@ from phema.errors import (
 from phema.format import FORMAT_VERSION, Header, layout_hash, parse_header, parse_header_length
 from phema.format import serialize as serialize_file
 from phema.hub import HubBackend, HubBatch
+from phema.shards import Segment, Shard, parse_manifest, read_logical, verify_shards
 
 __all__ = [
     "ReconstructionInfo",
@@ -102,6 +103,8 @@ class SnapshotInfo:
     copied: tuple[str, ...]
     header: Header
     identity: str = ""  # the version listed (see phema._backends); "" = not pinned
+    shards: tuple[Shard, ...] = ()  # a sharded snapshot's shard files (phema.shards)
+    segments: tuple[Segment, ...] = ()  # where its logical bytes lie in them
 
 
 #: One file as listed: ``(path, url, size, parsed header, identity)``.
@@ -123,7 +126,7 @@ class ReconstructionInfo:
 
 
 def snapshot_metadata(
-    tensors: Mapping[str, Tensor],
+    tensors: Mapping[str, Tensor] | Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
     *,
     t: float,
     std: float,
@@ -133,7 +136,11 @@ def snapshot_metadata(
     copied: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """The ``__metadata__`` of a snapshot of ``tensors`` (see the module docstring)."""
-    specs = [(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()]
+    specs = (
+        [(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()]
+        if isinstance(tensors, Mapping)
+        else list(tensors)
+    )
     return {
         "phema.format": FORMAT_VERSION,
         "phema.kind": "snapshot",
@@ -469,7 +476,11 @@ class SnapshotStore:
         self, path: str, source: str, size: int, header: Header, identity: str
     ) -> SnapshotInfo:
         meta = header.metadata
-        if meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
+        shards: tuple[Shard, ...] = ()
+        segments: tuple[Segment, ...] = ()
+        if meta.get("phema.format") == FORMAT_VERSION and meta.get("phema.kind") == "sharded":
+            header, shards, segments = parse_manifest(header, source)
+        elif meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
             raise FormatError(
                 f"{source}: not a phema snapshot of format {FORMAT_VERSION} "
                 f"(phema.format={meta.get('phema.format')!r}); move it out of the store"
@@ -485,19 +496,21 @@ class SnapshotStore:
                 t_unit=meta["phema.t_unit"],
                 step=int(step_text) if step_text else None,
                 layout=meta["phema.layout"],
-                size=size,
+                size=size + sum(sh.size for sh in shards),
                 copied=tuple(json.loads(meta["phema.copied"])),
                 header=header,
                 identity=identity,
+                shards=shards,
+                segments=segments,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{source}: metadata entry is missing or malformed ({exc})") from None
 
     def load(self, info: SnapshotInfo) -> dict[str, Tensor]:
-        """All tensors of one snapshot (reads the data section once)."""
-        data = bytearray(
-            self.read_range(info.path, info.header.data_start, info.size, info.identity or None)
-        )
+        """All tensors of one snapshot (reads the data section once; shards verified first)."""
+        info = verify_shards(self, info)
+        data = bytearray(info.header.data_bytes)
+        read_logical(self, info, 0, memoryview(data))
         out = {}
         for ti in info.header.tensors:
             raw = data[ti.begin : ti.end]

@@ -23,6 +23,7 @@ import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -45,7 +46,7 @@ from phema.errors import StateError, TrackingError
 from phema.memory import Snapshot
 from phema.profiles import power_weight, sigma_rel_to_gamma
 
-__all__ = ["BufferPolicy", "PowerFunctionEMA", "unwrap_module"]
+__all__ = ["BufferPolicy", "PowerFunctionEMA", "ShardState", "unwrap_module"]
 
 #: ``"copy"``: buffers are not averaged; a profile's state uses the live module's
 #: buffers (the reference behaviour, right for BatchNorm statistics of the current
@@ -54,6 +55,22 @@ __all__ = ["BufferPolicy", "PowerFunctionEMA", "unwrap_module"]
 BufferPolicy = Literal["copy", "average"]
 
 _STATE_FORMAT = "phema.PowerFunctionEMA"
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """One rank's part of a profile (:meth:`PowerFunctionEMA.shard_state`).
+
+    ``specs`` are ``(name, dtype, global shape)`` of every state entry, in the module's
+    order; ``pieces`` ``(name, begin, end, values)`` hold flat elements ``[begin,
+    end)``; ``copied`` names the entries taken from the live module.
+    """
+
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    pieces: list[tuple[str, int, int, Tensor]]
+    copied: tuple[str, ...]
+
+
 _STATE_VERSION = 1
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -279,17 +296,50 @@ class PowerFunctionEMA:
             i = self._index_of.get(id(value))
             if i is not None:
                 out[key] = self._value(i, k, full)
-            elif isinstance(value, nn.Parameter) or (
-                self.buffer_policy == "average" and value.is_floating_point()
-            ):
-                raise TrackingError(
-                    f"{key!r} is in the module's state but not tracked by this EMA (added "
-                    "after the EMA was made); create the EMA after building the model"
-                )
             else:
-                copy_ = value.detach().clone()
-                out[key] = copy_.full_tensor() if full and is_dtensor(copy_) else copy_  # type: ignore[attr-defined]
+                self._refuse_untracked(key, value)
+                live: Any = value.detach().clone()
+                out[key] = live.full_tensor() if full and is_dtensor(live) else live
         return out
+
+    def shard_state(self, std: float) -> ShardState:
+        """This process's part of profile ``std``, for a snapshot written without a gather.
+
+        Every element of the module's state is in exactly one rank's part: the rows a
+        rank holds and writes of each tracked tensor (see :class:`Piece`), and, on rank
+        0, the whole of every untracked entry (buffers under the ``"copy"`` policy).
+        Values are 1-D copies. Every rank must call it (DTensor buffers are gathered).
+        """
+        k = self.index(std)
+        self._require_updated()
+        self.check_tracking()
+        rank = world()[0]
+        specs, pieces, copied = [], [], []
+        for key, value in self.module.state_dict(keep_vars=True).items():
+            i = self._index_of.get(id(value))
+            if i is None:
+                self._refuse_untracked(key, value)
+                live: Any = value.detach()
+                live = live.full_tensor() if is_dtensor(live) else live
+                specs.append((key, live.dtype, tuple(live.shape)))
+                copied.append(key)
+                if rank == 0:
+                    pieces.append((key, 0, live.numel(), live.reshape(-1).clone()))
+                continue
+            piece = self._pieces[i]
+            specs.append((key, self._shadows.dtype_of(i), piece.shape))
+            if piece.writes and piece.end > piece.begin:
+                pieces.append((key, piece.begin, piece.end, self._shadows.get(i, k).reshape(-1)))
+        return ShardState(specs, pieces, tuple(copied))
+
+    def _refuse_untracked(self, key: str, value: Tensor) -> None:
+        if isinstance(value, nn.Parameter) or (
+            self.buffer_policy == "average" and value.is_floating_point()
+        ):
+            raise TrackingError(
+                f"{key!r} is in the module's state but not tracked by this EMA (added "
+                "after the EMA was made); create the EMA after building the model"
+            )
 
     def snapshot(self, dtype: torch.dtype | None = None) -> list[Snapshot]:
         """Copies of every profile at the current time, one :class:`Snapshot` each.
@@ -425,26 +475,21 @@ class PowerFunctionEMA:
         """This process's rows of a saved shadow ``[K, *shape]``, checked."""
         piece, k = self._pieces[i], len(self._stds)
         dtype = self._shadows.dtype_of(i)
-        if is_dtensor(value):
-            local = value.to_local()  # type: ignore[attr-defined]
-            same = piece.kind != "full" and tuple(value.placements) == shard_placements(piece, 1)  # type: ignore[attr-defined]
-            if not same:
+        saved: Any = value
+        if is_dtensor(saved):
+            if piece.kind == "full" or tuple(saved.placements) != shard_placements(piece, 1):
                 raise StateError(
-                    f"saved shadow {name!r} is sharded as {tuple(value.placements)}, which "  # type: ignore[attr-defined]
+                    f"saved shadow {name!r} is sharded as {tuple(saved.placements)}, which "
                     "does not match this EMA; load it with torch.distributed.checkpoint into "
                     "this EMA's state_dict() first"
                 )
-            want_shape, got = (k, *piece.shape), tuple(value.shape)
+            local: Tensor = saved.to_local()
         else:
-            got, want_shape = tuple(value.shape), (k, *piece.shape)
             local = value if piece.kind == "full" else value[:, piece.r0 : piece.r1]
-        if (
-            got != want_shape
-            or value.dtype != dtype
-            or tuple(local.shape) != (k, *piece.local_shape)
-        ):
+        got, want = tuple(value.shape), (k, *piece.shape)
+        if got != want or value.dtype != dtype or tuple(local.shape) != (k, *piece.local_shape):
             raise StateError(
-                f"saved shadow {name!r} is {value.dtype} {got}, expected {dtype} {want_shape}"
+                f"saved shadow {name!r} is {value.dtype} {got}, expected {dtype} {want}"
             )
         return local
 

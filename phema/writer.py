@@ -13,8 +13,14 @@ connection, a file that exists with other bytes) is raised by the next
 concerns, and never stops the snapshots queued before or after it. ``save`` queues
 its own snapshot before it raises, so a loop that catches the error loses nothing
 else. A snapshot that already exists with the same bytes is accepted (a run resumed
-after a crash writes it again). Under ``torch.distributed`` only rank 0 writes;
-other ranks return at once.
+after a crash writes it again). Under ``torch.distributed`` only rank 0 writes an
+unsharded EMA's snapshots; other ranks return at once.
+
+A sharded EMA (FSDP2, or ``partition=True``) is written without any gather: every
+rank must create the writer and call :meth:`SnapshotWriter.save` at the same
+points; each writes its own rows as a shard and rank 0 publishes a manifest once all
+are durable (:mod:`phema.shards`). A snapshot some rank failed to write is never
+listed; the failure is reported by rank 0 (and by the rank that failed).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from phema._sharded_write import ShardedJob, ShardedWrites
 from phema.errors import StorageError
 from phema.format import check_storage_dtype
 from phema.store import SnapshotStore, snapshot_name
@@ -51,6 +58,8 @@ class SnapshotWriter:
             default: as tracked (fp32).
         t_unit: Unit of the EMA's time, recorded in the metadata (``"images"``...).
         max_pending: Snapshots that may wait in the queue before ``save`` blocks.
+        shard_timeout: Sharded snapshots: seconds rank 0 waits for the other ranks'
+            shards before it gives the snapshot up.
         **storage_options: For a URL ``store``, passed to fsspec.
     """
 
@@ -61,6 +70,7 @@ class SnapshotWriter:
         dtype: torch.dtype | None = None,
         t_unit: str = "steps",
         max_pending: int = 2,
+        shard_timeout: float = 1800.0,
         **storage_options: Any,
     ) -> None:
         if max_pending < 1:
@@ -76,9 +86,11 @@ class SnapshotWriter:
         self.written: list[str] = []
         self._failures: list[tuple[str, BaseException]] = []  # (file, error), not yet raised
         self._lock = threading.Lock()
-        self._queue: queue.Queue[list[_Job] | None] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue[list[_Job | ShardedJob] | None] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._run, name="phema-writer", daemon=True)
         self._closed = False
+        self._shard_timeout = shard_timeout
+        self._sharded: ShardedWrites | None = None
         if self.active:
             self._thread.start()
 
@@ -90,15 +102,37 @@ class SnapshotWriter:
         """
         if self._closed:
             raise StorageError("this SnapshotWriter is closed")
-        if self.active:
+        if ema.sharded and dist.is_available() and dist.is_initialized():
+            self._queue.put(self._shard_jobs(ema, step))
+        elif self.active:
             averaged = set(ema.names)
-            jobs: list[_Job] = []
+            jobs: list[_Job | ShardedJob] = []
             for std, gamma in zip(ema.stds, ema.gammas, strict=True):
                 state = ema.profile_state_dict(std)
                 copied = tuple(n for n in state if n not in averaged)
                 jobs.append((state, ema.t, std, gamma, copied, step))
             self._queue.put(jobs)
         self._raise_failures()
+
+    def _shard_jobs(self, ema: PowerFunctionEMA, step: int | None) -> list[_Job | ShardedJob]:
+        """This rank's part of every profile, copied now (collective on first use)."""
+        if self._sharded is None:
+            self._sharded = ShardedWrites(self._shard_timeout)
+            self.active = True
+            if not self._thread.is_alive():
+                self._thread.start()
+        jobs: list[_Job | ShardedJob] = []
+        for std, gamma in zip(ema.stds, ema.gammas, strict=True):
+            part = ema.shard_state(std)
+            cast = self.dtype
+            specs = [(n, cast if cast and d.is_floating_point else d, s) for n, d, s in part.specs]
+            pieces = [
+                (n, b, e, v.to(cast) if cast and v.is_floating_point() else v)
+                for n, b, e, v in part.pieces
+            ]
+            sid = self._sharded.next_id()
+            jobs.append(ShardedJob(specs, pieces, part.copied, ema.t, std, gamma, step, sid))
+        return jobs
 
     def _run(self) -> None:
         while True:
@@ -109,7 +143,11 @@ class SnapshotWriter:
                 except BaseException as exc:
                     self._fail(f"{self.store.url} (files waiting for a Hub commit)", exc)
                 return
-            for state, t, std, gamma, copied, step in jobs:
+            for job in jobs:
+                if isinstance(job, ShardedJob):
+                    self._write_sharded(job)
+                    continue
+                state, t, std, gamma, copied, step = job
                 try:
                     cpu = {
                         n: v.to(self.dtype if self.dtype and v.is_floating_point() else v.dtype)
@@ -130,6 +168,16 @@ class SnapshotWriter:
                 except BaseException as exc:  # reported by save()/close(); later jobs go on
                     name = f"{self.store.url.rstrip('/')}/{snapshot_name(t, std)}"
                     self._fail(f"{name} (t={t:g}, std={std:g}, step={step})", exc)
+
+    def _write_sharded(self, job: ShardedJob) -> None:
+        assert self._sharded is not None
+        try:
+            path = self._sharded.write(self.store, job, self.t_unit)
+            if path is not None:
+                self.written.append(path)
+        except BaseException as exc:
+            name = f"{self.store.url.rstrip('/')}/{snapshot_name(job.t, job.std)}"
+            self._fail(f"{name} (t={job.t:g}, std={job.std:g}, step={job.step})", exc)
 
     def _fail(self, what: str, exc: BaseException) -> None:
         with self._lock:

@@ -1,0 +1,254 @@
+r"""Sharded snapshots: each rank writes its rows, a manifest published last makes them one snapshot.
+
+A snapshot of a sharded EMA (FSDP2, or ``partition=True``) is written without any
+gather: every rank writes the rows it holds of each tensor as one **shard file**,
+``shards/<snapshot stem>/<id>-<rank>.safetensors``, a plain safetensors file whose
+tensors are 1-D pieces: elements :math:`[b, e)` of the flattened tensor. When every
+shard is durable, rank 0 publishes the **manifest** under the snapshot's usual name
+(``phema-<t>-<std>.safetensors``): a safetensors file with no tensors whose metadata
+(``phema.kind = "sharded"``) holds the snapshot's metadata, the logical layout and,
+for each shard, its path, size, data offset and pieces. Only manifests are listed,
+so a snapshot whose ranks did not all finish (a crash, a killed rank, a failed
+write) is never seen, and name clashes and ``overwrite`` work as for one file.
+
+The logical layout is the one a single-file snapshot of the same model has, so a
+store may mix both kinds (a run resumed on another number of ranks) and the
+streaming reconstruction reads logical byte ranges: each maps to pieces of shard
+files (:func:`read_logical`), read once each. Before a reconstruction reads a
+sharded snapshot, :func:`verify_shards` reads every shard's header and refuses a
+missing shard, one of another snapshot (its ``phema.snapshot_id`` differs) or one
+whose pieces differ from the manifest's, naming it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from phema.errors import FormatError, PhemaError, StorageError
+from phema.format import Header, encode_header, layout_hash, serialize
+
+if TYPE_CHECKING:
+    from phema.store import SnapshotInfo, SnapshotStore
+
+__all__ = [
+    "Shard",
+    "ShardPiece",
+    "encode_manifest",
+    "encode_shard",
+    "read_logical",
+    "verify_shards",
+]
+
+SHARD_FOLDER = "shards"
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """Elements ``[begin, end)`` of tensor ``name`` (flattened), at ``offset`` in a shard's data."""
+
+    name: str
+    begin: int
+    end: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard file of a sharded snapshot, as its manifest records it."""
+
+    name: str  # relative to the store root
+    size: int
+    data_start: int
+    pieces: tuple[ShardPiece, ...]
+    identity: str = ""  # set by verify_shards: the version whose header was checked
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Logical data bytes ``[start, stop)`` stored at ``at`` in shard ``shard``'s data."""
+
+    start: int
+    stop: int
+    shard: int
+    at: int
+
+
+def shard_name(stem: str, snapshot_id: str, rank: int) -> str:
+    """``shards/<stem>/<id>-<rank>.safetensors``: never listed, never shared by two writes."""
+    return f"{SHARD_FOLDER}/{stem}/{snapshot_id}-{rank:05d}.safetensors"
+
+
+def encode_shard(
+    pieces: Sequence[tuple[str, int, int, Tensor]], snapshot_id: str, meta: Mapping[str, str]
+) -> tuple[bytes, dict[str, object]]:
+    """The bytes of one shard file and the record the manifest keeps of it.
+
+    ``pieces`` are ``(name, begin, end, values)`` with ``values`` the 1-D elements.
+    """
+    tensors = {n: v.detach().reshape(-1).to("cpu").contiguous() for n, _, _, v in pieces}
+    ranges = {n: [b, e] for n, b, e, _ in pieces}
+    metadata = dict(meta)
+    metadata.update(
+        {
+            "phema.kind": "shard",
+            "phema.snapshot_id": snapshot_id,
+            "phema.pieces": json.dumps(ranges, separators=(",", ":")),
+        }
+    )
+    _, header = encode_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
+    data = serialize(tensors, metadata)
+    record = {
+        "size": len(data),
+        "data_start": header.data_start,
+        "pieces": [[i.name, *ranges[i.name], i.begin] for i in header.tensors],
+    }
+    return data, record
+
+
+def encode_manifest(
+    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    meta: Mapping[str, str],
+    snapshot_id: str,
+    shards: Sequence[tuple[str, Mapping[str, object]]],
+) -> bytes:
+    """The manifest: ``meta`` plus the logical layout and every ``(shard name, record)``."""
+    from phema.format import dtype_name
+
+    _, logical = encode_header(specs, {})
+    metadata = dict(meta)
+    metadata.update(
+        {
+            "phema.kind": "sharded",
+            "phema.layout": layout_hash(specs),
+            "phema.snapshot_id": snapshot_id,
+            "phema.tensors": json.dumps(
+                [[i.name, dtype_name(i.dtype), list(i.shape)] for i in logical.tensors]
+            ),
+            "phema.shards": json.dumps([{"name": n, **r} for n, r in shards]),
+        }
+    )
+    prefix, _ = encode_header([], metadata)
+    return prefix
+
+
+def parse_manifest(
+    header: Header, source: str
+) -> tuple[Header, tuple[Shard, ...], tuple[Segment, ...]]:
+    """The logical header, the shards and the logical-to-shard map of a manifest.
+
+    Raises:
+        FormatError: If the manifest is malformed or its shards do not tile every
+            tensor exactly once.
+    """
+    from phema.format import _FROM_NAME
+
+    meta = header.metadata
+    try:
+        specs = [
+            (str(n), _FROM_NAME[d], tuple(int(x) for x in s))
+            for n, d, s in json.loads(meta["phema.tensors"])
+        ]
+        shards = tuple(
+            Shard(
+                str(s["name"]),
+                int(s["size"]),
+                int(s["data_start"]),
+                tuple(ShardPiece(str(n), int(b), int(e), int(o)) for n, b, e, o in s["pieces"]),
+            )
+            for s in json.loads(meta["phema.shards"])
+        )
+        _, logical = encode_header(specs, {}, keep_order=True)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FormatError(f"{source}: sharded snapshot manifest is malformed ({exc})") from None
+    logical = Header(logical.tensors, meta, 0)
+    by_name = {t.name: t for t in logical.tensors}
+    segments = []
+    for j, shard in enumerate(shards):
+        for p in shard.pieces:
+            info = by_name.get(p.name)
+            if info is None or not 0 <= p.begin < p.end <= info.numel:
+                raise FormatError(f"{source}: shard {shard.name} holds an unknown piece {p}")
+            item = info.dtype.itemsize
+            segments.append(
+                Segment(info.begin + p.begin * item, info.begin + p.end * item, j, p.offset)
+            )
+    segments.sort(key=lambda s: s.start)
+    pos = 0
+    for seg in segments:
+        if seg.start != pos:
+            raise FormatError(
+                f"{source}: its shards do not cover the snapshot's bytes exactly once "
+                f"(gap or overlap at logical byte {pos}); the manifest is corrupt"
+            )
+        pos = seg.stop
+    if pos != logical.data_bytes:
+        raise FormatError(f"{source}: its shards cover {pos} of {logical.data_bytes} bytes")
+    return logical, shards, tuple(segments)
+
+
+def verify_shards(store: SnapshotStore, info: SnapshotInfo) -> SnapshotInfo:
+    """``info`` with each shard's header checked against the manifest, and pinned.
+
+    Raises:
+        StorageError: Naming a shard that is missing, belongs to another snapshot, or
+            differs from what the manifest records.
+    """
+    if not info.shards:
+        return info
+    snapshot_id = info.header.metadata.get("phema.snapshot_id", "")
+    checked = []
+    for shard in info.shards:
+        url = f"{store.url.rstrip('/')}/{shard.name}"
+        fix = f"; the snapshot {info.url} is incomplete: restore the shard or remove the snapshot"
+        try:
+            size, header, identity = store._read_header(store.path_of(shard.name), url)
+        except FileNotFoundError:
+            raise StorageError(f"shard {url} is missing{fix}") from None
+        except PhemaError as exc:
+            raise StorageError(f"shard {url} cannot be read: {exc}{fix}") from exc
+        except Exception as exc:
+            raise StorageError(f"shard {url} cannot be read: {type(exc).__name__}: {exc}") from exc
+        got = header.metadata.get("phema.snapshot_id")
+        if got != snapshot_id:
+            raise StorageError(
+                f"shard {url} belongs to another snapshot (id {got!r}, the manifest {info.url} "
+                f"has {snapshot_id!r}){fix}"
+            )
+        try:
+            ranges = json.loads(header.metadata["phema.pieces"])
+            pieces = tuple(
+                ShardPiece(t.name, int(ranges[t.name][0]), int(ranges[t.name][1]), t.begin)
+                for t in header.tensors
+            )
+        except (KeyError, ValueError, TypeError, IndexError):
+            raise StorageError(f"shard {url} has no valid phema.pieces metadata{fix}") from None
+        if size != shard.size or header.data_start != shard.data_start or pieces != shard.pieces:
+            raise StorageError(f"shard {url} differs from what its manifest records{fix}")
+        checked.append(replace(shard, identity=identity))
+    return replace(info, shards=tuple(checked))
+
+
+def read_logical(store: SnapshotStore, info: SnapshotInfo, offset: int, out: memoryview) -> None:
+    """Fill ``out`` with the snapshot's logical data bytes from ``offset`` (any kind)."""
+    if not info.shards:
+        store.read_into(info.path, info.header.data_start + offset, out, info.identity or None)
+        return
+    segs = info.segments
+    i = bisect.bisect_right(segs, offset, key=lambda s: s.start) - 1
+    pos, stop = offset, offset + len(out)
+    while pos < stop:
+        seg = segs[i]
+        n = min(stop, seg.stop) - pos
+        shard = info.shards[seg.shard]
+        start = shard.data_start + seg.at + (pos - seg.start)
+        dst = out[pos - offset : pos - offset + n]
+        store.read_into(store.path_of(shard.name), start, dst, shard.identity or None)
+        pos += n
+        i += 1
