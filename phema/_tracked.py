@@ -250,3 +250,22 @@ def world_mesh(device: torch.device) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (world()[1],))
+
+
+def reshard(module: nn.Module) -> bool:
+    """Reshard every FSDP2 module under ``module``; whether there was any.
+
+    After a forward outside backward (evaluation), FSDP2 leaves the root's parameters
+    unsharded and registered in place of the sharded ones; resharding registers the
+    sharded parameters again (values unchanged) and drops the gathered copies.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    found = False
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+            found = True
+    return found

@@ -38,6 +38,7 @@ from phema._tracked import (
     is_dtensor,
     make_links,
     make_piece,
+    reshard,
     shard_placements,
     world,
     world_mesh,
@@ -149,6 +150,7 @@ class PowerFunctionEMA:
         self._gammas = tuple(float(g) for g in sigma_rel_to_gamma(std_list))
         self._stds = tuple(std_list)
         self.module = unwrap_module(module)
+        reshard(self.module)  # FSDP2: the sharded parameters, not gathered ones, are tracked
         self.buffer_policy: BufferPolicy = buffers
         named: list[tuple[str, Tensor]] = list(self.module.named_parameters())
         averaged_buffers = set()
@@ -166,6 +168,7 @@ class PowerFunctionEMA:
         self._pieces = [make_piece(n, t, mesh) for n, t in named]
         self._links = make_links(self.module, self._names, averaged_buffers)
         self._full = all(p.kind == "full" for p in self._pieces)
+        self._has_dtensors = any(p.kind == "dtensor" for p in self._pieces)
         self._index_of = {id(t): i for i, (_, t) in enumerate(named)}
         where = torch.device(device) if device is not None else None
         self._shadows = FusedShadows(self._sources(), len(std_list), dtype, device=where)
@@ -220,6 +223,10 @@ class PowerFunctionEMA:
         stale = find_stale(self._links)
         if stale is None:
             return
+        if self._has_dtensors and reshard(self.module):  # unsharded by an eval forward
+            stale = find_stale(self._links)
+            if stale is None:
+                return
         what = "parameter" if stale.path == stale.name else f"submodule {stale.path!r} of"
         raise TrackingError(
             f"{what} {stale.name!r} is no longer the one this EMA tracks: it was replaced "
@@ -387,6 +394,8 @@ class PowerFunctionEMA:
         try:
             yield self.module
         finally:
+            if self._has_dtensors:  # drop weights gathered from the profile
+                reshard(self.module)
             with torch.no_grad():
                 for t, s in zip(targets, saved, strict=True):
                     t.copy_(s)
@@ -398,7 +407,7 @@ class PowerFunctionEMA:
         cannot be deep-copied: load ``profile_state_dict(std, full=True)`` into an
         unsharded model instead.
         """
-        if any(p.kind == "dtensor" for p in self._pieces):
+        if self._has_dtensors:
             raise TrackingError(
                 "copy_module cannot copy a module sharded with fully_shard; load "
                 "ema.profile_state_dict(std, full=True) (every rank calls it) into an "

@@ -1,0 +1,197 @@
+"""Sharded EMA under torchrun (CPU, gloo): FSDP2 shards and partitioned DDP against one process.
+
+``sharded_worker.py`` trains one trajectory through an FSDP2 model, a replicated model
+with ``partition=True`` and a plain model, on 2 and 4 processes; the tests read what
+each rank found and the stores it wrote. Bitwise equality is the claim throughout:
+every shard applies the same elementwise lerp to the same fp32 values as the
+unsharded EMA, so no rounding differs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phema import SnapshotStore, StorageError
+from phema.reconstruct import reconstruct
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+
+
+def _make() -> torch.nn.Module:
+    """The worker's model, unsharded."""
+    spec = importlib.util.spec_from_file_location("sharded_worker", WORKER)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make()  # type: ignore[no-any-return]
+
+
+def torchrun(
+    mode: str, out: Path, n: int, *, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("torchrun")
+    cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    done = subprocess.run(
+        [*cmd, "--standalone", f"--nproc_per_node={n}", str(WORKER), mode, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def results(out: Path, mode: str, n: int) -> list[dict[str, object]]:
+    return [json.loads((out / f"{mode}-{n}-rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    n = request.param
+    out = tmp_path_factory.mktemp(f"train{n}")
+    torchrun("train", out, n)
+    return n, out, results(out, "train", n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "key",
+    [
+        "fsdp_profiles_bitwise",
+        "fsdp_profile_is_dtensor",
+        "fsdp_full_state_bitwise",
+        "partition_profiles_bitwise",
+        "partition_copy_module_bitwise",
+        "fsdp_swapped_holds_profile",
+        "fsdp_swapped_restores",
+        "fsdp_swapped_forward_equal",
+        "partition_swapped_holds_profile",
+        "dcp_resume_same_size_bitwise",
+        "unsharded_state_loads_into_partition",
+    ],
+)
+def test_every_rank_agrees_with_the_unsharded_ema(trained, key):
+    n, _, res = trained
+    assert [r[key] for r in res] == [True] * n
+
+
+@pytest.mark.slow
+def test_each_element_is_held_once_and_ranks_are_balanced(trained):
+    n, _, res = trained
+    total = res[0]["elements_total"]
+    assert res[0]["elements_held_partition"] == total  # no element on two ranks
+    assert res[0]["elements_held_fsdp"] == total
+    # torch.chunk rows: a rank holds at most ceil(rows / n) rows of each tensor.
+    per_rank = [r["rank_shadow_elements"] for r in res]
+    assert sum(per_rank) == total
+    bound = sum(-(-p.shape[0] // n) * (p.numel() // p.shape[0]) for p in _make().parameters())
+    assert max(per_rank) <= bound
+
+
+@pytest.mark.slow
+def test_ema_made_before_fully_shard_raises(trained):
+    _, _, res = trained
+    for r in res:
+        assert "no longer the one this EMA tracks" in r["ema_before_fully_shard"]
+        assert "'0.weight'" in r["ema_before_fully_shard"]
+
+
+def _stores(out: Path) -> dict[str, SnapshotStore]:
+    return {k: SnapshotStore(str(out / k)) for k in ("fsdp", "partition", "plain")}
+
+
+@pytest.mark.slow
+def test_sharded_snapshots_equal_single_file_ones(trained):
+    n, out, _ = trained
+    stores = _stores(out)
+    plain = stores["plain"].list()
+    assert len(plain) == 8  # 4 saves x 2 stds
+    for kind in ("fsdp", "partition"):
+        infos = stores[kind].list()
+        assert [(i.t, i.std) for i in infos] == [(i.t, i.std) for i in plain]
+        for i, p in zip(infos, plain, strict=True):
+            assert len(i.shards) == n  # every rank held rows of some tensor
+            assert i.header.tensors == p.header.tensors
+            assert i.layout == p.layout
+            a, b = stores[kind].load(i), stores["plain"].load(p)
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_reconstruction_from_shards_is_byte_identical_and_loads_strict(trained, tmp_path):
+    _, out, _ = trained
+    stores = _stores(out)
+    made = {
+        kind: reconstruct(stores[kind], [0.07, 0.09], str(tmp_path / kind), threads=1)
+        for kind in stores
+    }
+    for j in range(2):
+        ref = Path(made["plain"][j].path).read_bytes()
+        for kind in ("fsdp", "partition"):
+            assert Path(made[kind][j].path).read_bytes() == ref
+    _make().load_state_dict(load_file(made["fsdp"][0].path), strict=True)
+
+
+@pytest.mark.slow
+def test_a_missing_foreign_or_altered_shard_is_named(trained, tmp_path):
+    _, out, _ = trained
+    root = tmp_path / "copy"
+    shutil.copytree(out / "fsdp", root)
+    store = SnapshotStore(str(root))
+    first, second = store.list()[:2]
+    victim = root / first.shards[1].name
+    saved = victim.read_bytes()
+    victim.unlink()
+    with pytest.raises(StorageError, match=rf"shard .*{victim.name} is missing"):
+        reconstruct(store, [0.1], str(tmp_path / "o1"))
+    with pytest.raises(StorageError, match="is missing"):
+        store.load(first)
+    shutil.copy(root / second.shards[1].name, victim)  # a shard of another snapshot
+    with pytest.raises(StorageError, match=rf"{victim.name} belongs to another snapshot"):
+        reconstruct(store, [0.1], str(tmp_path / "o2"))
+    shutil.copy(root / first.shards[0].name, victim)  # rank 0's shard in rank 1's place
+    with pytest.raises(StorageError, match=rf"{victim.name} differs from what its manifest"):
+        reconstruct(store, [0.1], str(tmp_path / "o3"))
+    victim.write_bytes(saved[:-1])  # truncated
+    with pytest.raises(StorageError, match=rf"{victim.name} cannot be read: .*truncated"):
+        reconstruct(store, [0.1], str(tmp_path / "o4"))
+    victim.write_bytes(saved)
+    reconstruct(store, [0.1], str(tmp_path / "o5"))  # restored: reads again
+    for k in range(1, 5):  # nothing was written by the refused passes
+        assert not (tmp_path / f"o{k}").exists() or not any((tmp_path / f"o{k}").iterdir())
+
+
+@pytest.mark.slow
+def test_dcp_state_of_2_ranks_resumes_on_4_bitwise(tmp_path):
+    torchrun("train", tmp_path, 2)
+    torchrun("resume", tmp_path, 4)
+    for r in results(tmp_path, "resume", 4):
+        assert r["t"] == r["saved_t"] == 100.0
+        assert r["fsdp_bitwise"] is True
+        assert r["partition_bitwise"] is True
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_snapshot_leaves_nothing_listed(tmp_path):
+    done = torchrun("kill", tmp_path, 2, check=False)
+    assert done.returncode != 0
+    store = SnapshotStore(str(tmp_path / "killed"))
+    assert store.list() == []
+    shards = list((tmp_path / "killed").rglob("*.safetensors"))
+    assert all("/shards/" in str(p) for p in shards)  # at most rank 0's orphan shard
