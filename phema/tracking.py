@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from phema._ema_state import STATE_FORMAT, STATE_VERSION, check_header, check_names, local_rows
 from phema._shadow import FusedShadows
 from phema._tracked import (
     Piece,
@@ -39,11 +40,10 @@ from phema._tracked import (
     make_links,
     make_piece,
     reshard,
-    shard_placements,
     world,
     world_mesh,
 )
-from phema.errors import StateError, TrackingError
+from phema.errors import TrackingError
 from phema.memory import Snapshot
 from phema.profiles import power_weight, sigma_rel_to_gamma
 
@@ -54,8 +54,6 @@ __all__ = ["BufferPolicy", "PowerFunctionEMA", "ShardState", "unwrap_module"]
 #: weights). ``"average"``: floating-point buffers are averaged like parameters and
 #: integer buffers are copied.
 BufferPolicy = Literal["copy", "average"]
-
-_STATE_FORMAT = "phema.PowerFunctionEMA"
 
 
 @dataclass(frozen=True)
@@ -70,10 +68,6 @@ class ShardState:
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
     pieces: list[tuple[str, int, int, Tensor]]
     copied: tuple[str, ...]
-
-
-_STATE_VERSION = 1
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -227,12 +221,16 @@ class PowerFunctionEMA:
             stale = find_stale(self._links)
             if stale is None:
                 return
-        what = "parameter" if stale.path == stale.name else f"submodule {stale.path!r} of"
+        where = (
+            f"parameter {stale.name!r} is no longer the one this EMA tracks: it was replaced"
+            if stale.path == stale.name
+            else f"submodule {stale.path!r} was replaced, so the tracked parameter "
+            f"{stale.name!r} (and any other under it) is no longer the module's"
+        )
         raise TrackingError(
-            f"{what} {stale.name!r} is no longer the one this EMA tracks: it was replaced "
-            "after the EMA was made (a new submodule, load_state_dict(assign=True), or "
-            "fully_shard). Create the EMA after such changes; to keep its history, "
-            "make a new PowerFunctionEMA and load_state_dict(old.state_dict()) into it"
+            f"{where} after the EMA was made (a new submodule, load_state_dict(assign=True), "
+            "or fully_shard). Create the EMA after such changes; to keep its history, make a "
+            "new PowerFunctionEMA and load_state_dict(old.state_dict()) into it"
         )
 
     @torch.no_grad()
@@ -440,8 +438,8 @@ class PowerFunctionEMA:
                 stacked if piece.kind == "full" else as_dtensor(piece, stacked, (len(self._stds),))
             )
         return {
-            "format": _STATE_FORMAT,
-            "version": _STATE_VERSION,
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
             "stds": list(self._stds),
             "buffers": self.buffer_policy,
             "t": self._t,
@@ -456,70 +454,23 @@ class PowerFunctionEMA:
         takes its rows); a sharded one needs the same placements (load it with
         ``torch.distributed.checkpoint`` into this EMA's :meth:`state_dict` first).
         """
-        if state.get("format") != _STATE_FORMAT or state.get("version") != _STATE_VERSION:
-            raise StateError(
-                f"not a PowerFunctionEMA state (format={state.get('format')!r}, "
-                f"version={state.get('version')!r}); expected {_STATE_FORMAT!r} v{_STATE_VERSION}"
-            )
-        stds = tuple(float(s) for s in state["stds"])
-        if stds != self._stds:
-            raise StateError(
-                f"saved stds {stds} differ from this EMA's {self._stds}; "
-                "construct PowerFunctionEMA with the saved stds"
-            )
-        if state["buffers"] != self.buffer_policy:
-            raise StateError(
-                f"saved buffer policy {state['buffers']!r} differs from {self.buffer_policy!r}"
-            )
+        check_header(state, self._stds, self.buffer_policy)
         shadows: Mapping[str, Tensor] = state["shadows"]
-        _check_names(set(shadows), set(self._names))
-        locals_ = [self._local_rows(name, shadows[name], i) for i, name in enumerate(self._names)]
-        for i, value in enumerate(locals_):
+        check_names(set(shadows), set(self._names))
+        rows = [
+            local_rows(
+                name, shadows[name], self._pieces[i], len(self._stds), self._shadows.dtype_of(i)
+            )
+            for i, name in enumerate(self._names)
+        ]
+        for i, value in enumerate(rows):
             for k in range(len(self._stds)):
                 self._shadows.set(i, k, value[k])
         self._t = float(state["t"])
         self._num_updates = int(state["num_updates"])
-
-    def _local_rows(self, name: str, value: Tensor, i: int) -> Tensor:
-        """This process's rows of a saved shadow ``[K, *shape]``, checked."""
-        piece, k = self._pieces[i], len(self._stds)
-        dtype = self._shadows.dtype_of(i)
-        saved: Any = value
-        if is_dtensor(saved):
-            if piece.kind == "full" or tuple(saved.placements) != shard_placements(piece, 1):
-                raise StateError(
-                    f"saved shadow {name!r} is sharded as {tuple(saved.placements)}, which "
-                    "does not match this EMA; load it with torch.distributed.checkpoint into "
-                    "this EMA's state_dict() first"
-                )
-            local: Tensor = saved.to_local()
-        else:
-            local = value if piece.kind == "full" else value[:, piece.r0 : piece.r1]
-        got, want = tuple(value.shape), (k, *piece.shape)
-        if got != want or value.dtype != dtype or tuple(local.shape) != (k, *piece.local_shape):
-            raise StateError(
-                f"saved shadow {name!r} is {value.dtype} {got}, expected {dtype} {want}"
-            )
-        return local
 
     def __repr__(self) -> str:
         return (
             f"PowerFunctionEMA(stds={self._stds}, tensors={len(self._names)}, "
             f"t={self._t:g}, updates={self._num_updates}, buffers={self.buffer_policy!r})"
         )
-
-
-def _check_names(saved: set[str], expected: set[str]) -> None:
-    if saved == expected:
-        return
-    missing = sorted(expected - saved)
-    unexpected = sorted(saved - expected)
-    hint = ""
-    stripped = {n.split(".", 1)[1] if n.startswith(_WRAPPER_PREFIXES) else n for n in saved}
-    if stripped == expected:
-        hint = "; the saved names carry a DDP/compile prefix: save from an unwrapped module"
-    raise StateError(
-        f"saved EMA state does not match the module: missing {missing[:5]}"
-        f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-        f"{' ...' if len(unexpected) > 5 else ''}{hint}"
-    )

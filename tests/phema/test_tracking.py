@@ -2,6 +2,7 @@
 
 import io
 import math
+import re
 import subprocess
 import sys
 
@@ -326,6 +327,68 @@ def test_replaced_parameter_storage_is_followed_or_refused():
     net.double()
     with pytest.raises(TrackingError, match="changed dtype"):
         ema.update(3.0)
+
+
+def _replace_submodule(net):
+    net[0] = nn.Linear(3, 4)
+
+
+def _assign_state(net):
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(state, assign=True)
+
+
+def _reassign_parameter(net):
+    net[0].weight = nn.Parameter(net[0].weight.detach().clone())
+
+
+@pytest.mark.parametrize(
+    ("change", "stale"),
+    [
+        (_replace_submodule, "submodule '0' was replaced, so the tracked parameter '0.weight'"),
+        (_assign_state, "parameter '0.weight' is no longer the one"),
+        (_reassign_parameter, "parameter '0.weight' is no longer the one"),
+    ],
+)
+@pytest.mark.parametrize("call", ["update", "swapped", "snapshot", "profile_state_dict", "profile"])
+def test_a_replaced_parameter_is_refused_by_name(change, stale, call):
+    net = _fresh_net()
+    ema = PowerFunctionEMA(net, stds=(0.1,))
+    ema.update(1.0)
+    before = {k: v.clone() for k, v in ema.profile(0.1).items()}
+    change(net)
+    run = {
+        "update": lambda: ema.update(2.0),
+        "swapped": lambda: ema.swapped(0.1).__enter__(),
+        "snapshot": ema.snapshot,
+        "profile_state_dict": lambda: ema.profile_state_dict(0.1),
+        "profile": lambda: ema.profile(0.1),
+    }[call]
+    with pytest.raises(TrackingError, match=re.escape(stale)):
+        run()
+    assert ema.t == 1.0  # nothing was folded in
+    ema._links = []  # look past the check: the shadows are untouched
+    assert all(torch.equal(v, before[k]) for k, v in ema.profile(0.1).items())
+
+
+def test_a_parameter_added_after_the_ema_is_never_filled_from_the_live_module():
+    net = _fresh_net()
+    ema = PowerFunctionEMA(net, stds=(0.1,))
+    ema.update(1.0)
+    net[0].register_parameter("extra", nn.Parameter(torch.ones(2)))
+    with pytest.raises(TrackingError, match=r"'0\.extra' is in the module's state but not tracked"):
+        ema.profile_state_dict(0.1)
+    with pytest.raises(TrackingError, match=r"'0\.extra'"):
+        ema.copy_module(0.1)
+
+
+def test_an_unchanged_module_is_not_sharded_and_passes_the_check():
+    net = _fresh_net()
+    ema = PowerFunctionEMA(net, stds=(0.1,), device="cpu")
+    ema.update(1.0)
+    ema.check_tracking()
+    assert not ema.sharded
+    assert all(p.kind == "full" and p.begin == 0 and p.end == p.obj.numel() for p in ema.pieces)
 
 
 def test_snapshot_copies_every_profile_in_the_requested_dtype():
