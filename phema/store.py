@@ -68,7 +68,7 @@ from phema.errors import (
 from phema.format import FORMAT_VERSION, Header, layout_hash, parse_header, parse_header_length
 from phema.format import serialize as serialize_file
 from phema.hub import HubBackend, HubBatch
-from phema.shards import Segment, Shard, parse_manifest, read_logical, verify_shards
+from phema.shards import SHARD_FOLDER, Segment, Shard, parse_manifest, read_logical, verify_shards
 
 __all__ = [
     "ReconstructionInfo",
@@ -309,22 +309,33 @@ class SnapshotStore:
         if self.hub is not None:
             self.hub.commit()
 
-    def leftovers(self, older_than: float = 0.0) -> list[str]:
-        """Hidden temporary files of writers that were killed mid-write (local stores only).
+    def leftovers(self, older_than: float = 0.0) -> builtins.list[str]:
+        """Files that interrupted writes left behind (local stores only).
 
-        Only files last modified more than ``older_than`` seconds ago are returned, so
-        that a writer still at work is not disturbed. They are never listed as snapshots.
+        Hidden temporary files of writers killed mid-write, and shard files that no
+        listed snapshot uses (a sharded snapshot that some rank did not finish). Only
+        files last modified more than ``older_than`` seconds ago are returned, so that
+        a writer still at work is not disturbed. They are never listed as snapshots.
         """
         if not self.is_local or not os.path.isdir(self.root):
             return []
         now = time.time()
-        return sorted(
+
+        def old(path: str) -> bool:
+            return now - os.path.getmtime(path) > older_than
+
+        found = [
             self.path_of(n)
             for n in os.listdir(self.root)
-            if n.startswith(".phema-")
-            and f"{SUFFIX}.tmp-" in n
-            and now - os.path.getmtime(self.path_of(n)) > older_than
-        )
+            if n.startswith(".phema-") and f"{SUFFIX}.tmp-" in n and old(self.path_of(n))
+        ]
+        shard_root = self.path_of(SHARD_FOLDER)
+        if os.path.isdir(shard_root):
+            used = {self.path_of(sh.name) for i in self.list() for sh in i.shards}
+            for folder, _, files in os.walk(shard_root):
+                paths = (os.path.join(folder, n) for n in files)
+                found += [p for p in paths if p not in used and old(p)]
+        return sorted(found)
 
     def save(
         self,

@@ -71,6 +71,7 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
                 "step": i.step,
                 "bytes": i.size,
                 "layout": i.layout,
+                "shards": len(i.shards),
             }
             typer.echo(json.dumps(row))
         for r in outputs:
@@ -88,16 +89,20 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
         return
     if infos or not outputs:
         table = Table(title=f"{len(infos)} snapshots in {url}")
-        for col in ("t", "unit", "std", "step", "bytes", "layout", "file"):
+        sharded = any(i.shards for i in infos)  # written by several ranks: how many files
+        cols = ("t", "unit", "std", "step", "bytes", *(("shards",) if sharded else ()))
+        for col in (*cols, "layout", "file"):
             table.add_column(col, justify="left" if col in ("unit", "layout", "file") else "right")
         for i in infos:
             name = i.url.rsplit("/", 1)[-1]
+            shards = (str(len(i.shards) or ""),) if sharded else ()
             table.add_row(
                 f"{i.t:g}",
                 i.t_unit,
                 f"{i.std:.4g}",
                 str(i.step or ""),
                 f"{i.size:,}",
+                *shards,
                 i.layout,
                 name,
             )
@@ -121,7 +126,7 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
     stale = store.leftovers(older_than=3600.0)
     if stale:
         err_console.print(
-            f"note: {len(stale)} temporary file(s) of interrupted writes; `phema clean {url}` "
+            f"note: {len(stale)} file(s) left by interrupted writes; `phema clean {url}` "
             "removes them",
             highlight=False,
         )
@@ -134,7 +139,7 @@ def clean(
     ] = 60.0,
     dry_run: Annotated[bool, typer.Option(help="List what would go; delete nothing.")] = False,
 ) -> None:
-    """Delete temporary files that writers killed mid-write left in a local store."""
+    """Delete what interrupted writes left in a local store (temporary files, unused shards)."""
     store = SnapshotStore(url)
     found = store.leftovers(older_than=older_than * 60.0)
     for path in found:
@@ -143,7 +148,8 @@ def clean(
         typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
     if not found:
         err_console.print(
-            f"no leftover temporary files older than {older_than:g} min in {url}", highlight=False
+            f"no files left by interrupted writes older than {older_than:g} min in {url}",
+            highlight=False,
         )
 
 

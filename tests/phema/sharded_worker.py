@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -204,7 +205,14 @@ def kill(out: str, rank: int, size: int) -> dict[str, object]:
 
     def write(name: str, data: bytes, **kw: object) -> str:
         if rank == 1 and name.startswith("shards/"):
-            os._exit(17)  # dies mid-snapshot, before its shard is published
+            # Dies mid-snapshot, before its shard is published, once rank 0's shard is.
+            folder = os.path.join(out, "killed", os.path.dirname(name))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(
+                n.endswith("-00000.safetensors") for n in _listdir(folder)
+            ):
+                time.sleep(0.05)
+            os._exit(17)
         return real_write(name, data, **kw)  # type: ignore[arg-type]
 
     writer.store.write = write  # type: ignore[method-assign]
@@ -212,6 +220,10 @@ def kill(out: str, rank: int, size: int) -> dict[str, object]:
     writer.save(ema, step=1)
     writer.close()
     return {"closed": True}
+
+
+def _listdir(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
 
 
 def main() -> None:
