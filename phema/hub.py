@@ -169,7 +169,7 @@ class HubBatch:
                 raise StorageError(f"{self.url}/{name} is already waiting to be committed")
             if self._spool is None:
                 self._spool = tempfile.mkdtemp(prefix="phema-hub-")
-            local = os.path.join(self._spool, name)
+            local = os.path.join(self._spool, name.replace("/", "%2F"))  # shards/...: flat
             if isinstance(data, str):
                 shutil.move(data, local)
             else:
@@ -371,7 +371,7 @@ class HubBackend(Backend):
     def stage(self, name: str, path: str, overwrite: bool) -> Staged:
         """A local spool file, committed by :meth:`publish`."""
         spool = tempfile.mkdtemp(prefix="phema-out-")
-        local = os.path.join(spool, name)
+        local = os.path.join(spool, os.path.basename(name))
         return Staged(name, path, open(local, "wb"), token=local)
 
     def publish(self, staged: Sequence[Staged], overwrite: bool) -> None:

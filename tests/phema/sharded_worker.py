@@ -9,6 +9,8 @@ those files and on the stores written under ``<out>``. Modes:
 * ``resume``: loads the DCP checkpoint of a ``train`` run (any world size) and
   compares the profiles with the ones that run saved whole.
 * ``kill``: rank 1 dies while it writes its first shard.
+* ``remote``: sharded snapshots to ``$PHEMA_REMOTE_URL`` (S3, the Hub), single-file
+  ones of the same trajectory to ``<out>/plain``.
 """
 
 from __future__ import annotations
@@ -226,11 +228,35 @@ def _listdir(folder: str) -> list[str]:
     return os.listdir(folder) if os.path.isdir(folder) else []
 
 
+def remote(out: str, rank: int, size: int) -> dict[str, object]:
+    """Sharded snapshots to the store at ``$PHEMA_REMOTE_URL``, single-file ones to ``out``."""
+    model = shard(make())
+    plain = make()
+    ema, ref = PowerFunctionEMA(model, STDS), PowerFunctionEMA(plain, STDS)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    sharded = SnapshotWriter(os.environ["PHEMA_REMOTE_URL"], t_unit="images")
+    single = SnapshotWriter(f"{out}/plain", t_unit="images")
+    for step, t in enumerate(TIMES[:3], start=1):
+        torch.manual_seed(100 + step)
+        model(torch.randn(8, 5)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        copy_trajectory(model, plain)
+        ema.update(t)
+        ref.update(t)
+        sharded.save(ema, step=step)
+        single.save(ref, step=step)
+    sharded.close()
+    single.close()
+    return {"written": sharded.written}
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    res = {"train": train, "resume": resume, "kill": kill}[mode](out, rank, size)
+    modes = {"train": train, "resume": resume, "kill": kill, "remote": remote}
+    res = modes[mode](out, rank, size)
     with open(f"{out}/{mode}-{size}-rank{rank}.json", "w") as f:
         json.dump(res, f)
     dist.barrier()

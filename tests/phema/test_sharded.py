@@ -38,17 +38,17 @@ def _make() -> torch.nn.Module:
 
 
 def torchrun(
-    mode: str, out: Path, n: int, *, check: bool = True
+    mode: str, out: Path, n: int, *, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("torchrun")
     cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(
         [*cmd, "--standalone", f"--nproc_per_node={n}", str(WORKER), mode, str(out)],
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        env=full_env,
         check=False,
     )
     if check:
@@ -200,3 +200,23 @@ def test_a_rank_killed_mid_snapshot_leaves_nothing_listed(tmp_path):
     assert all(f.endswith("-00000.safetensors") and "/shards/" in f for f in files)
     assert store.leftovers() == files  # what `phema clean` removes
     assert store.leftovers(older_than=3600.0) == []  # a writer may still be at work
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["s3", "hf"])
+def test_ranks_write_shards_to_s3_and_the_hub(backend, request, tmp_path):
+    if backend == "s3":
+        url = request.getfixturevalue("s3_bucket") + "/run"
+        env = {"FSSPEC_S3_ENDPOINT_URL": request.getfixturevalue("s3_endpoint")}
+    else:
+        url = request.getfixturevalue("hub_repo")
+        hub = request.getfixturevalue("fake_hub")
+        env = {"FSSPEC_HF_ENDPOINT": hub.endpoint, "FSSPEC_HF_TOKEN": "hf_phema_fake"}
+    torchrun("remote", tmp_path, 2, env={**env, "PHEMA_REMOTE_URL": url})
+    remote, local = SnapshotStore(url), SnapshotStore(str(tmp_path / "plain"))
+    got, want = remote.list(), local.list()
+    assert [(i.t, i.std, len(i.shards)) for i in got] == [(i.t, i.std, 2) for i in want]
+    for i, j in zip(got, want, strict=True):
+        a, b = remote.load(i), local.load(j)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
