@@ -18,7 +18,6 @@ job): the manifest is never written, so the snapshot is never listed.
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from phema._dist import broadcast_text, gather_json
 from phema.errors import ExistsError, StorageError
 from phema.shards import encode_manifest, encode_shard, shard_name
 from phema.store import SUFFIX, SnapshotStore, snapshot_metadata, snapshot_name
@@ -60,9 +60,7 @@ class ShardedWrites:
     def __init__(self, timeout: float) -> None:
         self.group: Any = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        token = torch.frombuffer(bytearray(uuid.uuid4().hex[:12].encode()), dtype=torch.uint8)
-        dist.broadcast(token, src=0, group=self.group)  # bytes, not pickles
-        self.token = bytes(token.numpy()).decode()
+        self.token = broadcast_text(uuid.uuid4().hex[:12], 12, self.group)
         self.count = 0
 
     def next_id(self) -> str:
@@ -96,7 +94,7 @@ class ShardedWrites:
                 result = {"shard": shard, "record": record}
         except Exception as exc:
             result = {"error": f"{type(exc).__name__}: {exc}"}
-        results = gather_json(result, self.group, self.rank, self.size)
+        results = gather_json(result, self.group)
         if self.rank != 0:
             if "error" in result:
                 raise StorageError(f"rank {self.rank}: {result['error']}")
@@ -116,22 +114,3 @@ class ShardedWrites:
         for n in names:  # unlisted either way; removing them only saves space
             with contextlib.suppress(Exception):
                 store.fs.rm(store.path_of(n))
-
-
-def gather_json(obj: Any, group: Any, rank: int, size: int) -> list[Any]:
-    """``obj`` of every rank, on rank 0 (others get ``[]``), sent as JSON bytes."""
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    n = torch.tensor([data.numel()], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    dist.all_gather(sizes, n, group=group)
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros(width, dtype=torch.uint8)
-    padded[: data.numel()] = data
-    rows = [torch.empty(width, dtype=torch.uint8) for _ in range(size)]
-    dist.all_gather(rows, padded, group=group)
-    if rank != 0:
-        return []
-    return [
-        json.loads(bytes(row[: int(s.item())].numpy()).decode())
-        for row, s in zip(rows, sizes, strict=True)
-    ]

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from phema._dist import world
 from phema.errors import TrackingError
 
 __all__ = ["Link", "Piece", "find_stale", "make_links", "make_piece"]
@@ -61,13 +61,6 @@ DTENSOR = _dtensor_type()
 def is_dtensor(t: object) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
     return DTENSOR is not None and isinstance(t, DTENSOR)
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def chunk_rows(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from phema._dist import world
 from phema._ema_state import STATE_FORMAT, STATE_VERSION, check_header, check_names, local_rows
 from phema._shadow import FusedShadows
 from phema._tracked import (
@@ -40,7 +41,6 @@ from phema._tracked import (
     make_links,
     make_piece,
     reshard,
-    world,
     world_mesh,
 )
 from phema.errors import TrackingError
