@@ -33,7 +33,7 @@ import torch
 from numpy.typing import NDArray
 
 from phema._backends import Staged
-from phema._stream import plan_windows, stream
+from phema._stream import Window, plan_windows, stream
 from phema.errors import ExistsError, OptionError, PhemaError, StorageError
 from phema.format import FORMAT_VERSION, check_storage_dtype, encode_header
 from phema.shards import read_logical, verify_shards
@@ -133,6 +133,7 @@ def reconstruct(
     constraint: Literal["rescale", "exact"] = "rescale",
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    parallel: bool = False,
 ) -> list[Reconstruction]:
     """Synthesise profiles ``stds`` at time ``at`` (default: the last snapshot) into ``out``.
 
@@ -154,6 +155,9 @@ def reconstruct(
             the machine is busy (torch's parallel ops wait for every thread they
             start). ``None`` leaves torch's setting alone.
         progress: Called with the number of bytes each finished read brought.
+        parallel: Every rank of an initialised process group calls ``reconstruct``
+            with the same arguments; each reads and sums a disjoint ~1/N of every
+            snapshot's bytes, and the outputs are those one process writes.
 
     Returns:
         One :class:`Reconstruction` per std, in order.
@@ -171,6 +175,7 @@ def reconstruct(
         overwrite=overwrite,
         threads=threads,
         progress=progress,
+        parallel=parallel,
     )
 
 
@@ -185,10 +190,59 @@ def write_plan(
     overwrite: bool = False,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    parallel: bool = False,
 ) -> list[Reconstruction]:
-    """Carry out a :func:`plan` made on ``src``: the streaming pass of :func:`reconstruct`."""
+    """Carry out a :func:`plan` made on ``src``: the streaming pass of :func:`reconstruct`.
+
+    With ``parallel`` (every rank of an initialised process group calls it, with the
+    same plan), each rank reads and sums a disjoint ~1/N of the windows and rank 0
+    joins the parts into the same outputs a single process writes
+    (:mod:`phema._parallel`).
+    """
     _check_options(window_bytes, max_inflight, threads, dtype)
     out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
+    job = prepare(the_plan, out_store, dtype, window_bytes)
+    inputs = the_plan.inputs
+
+    def read(r: int, offset: int, buf: memoryview) -> None:
+        read_logical(src, inputs[r], offset, buf)
+
+    if parallel:
+        from phema._parallel import write_parallel
+
+        listed = [(i.url, i.identity) for i in inputs]
+        with _torch_threads(threads):
+            write_parallel(job, read, out_store, overwrite, max_inflight, progress, listed)
+        return job.results
+    with _OutputFiles(out_store, job.names, overwrite) as files, _torch_threads(threads):
+        for f, head in zip(files, job.headers, strict=True):
+            f.write(head)
+        stream(
+            read,
+            job.windows,
+            job.weights,
+            job.latest,
+            files,
+            max_inflight=max_inflight,
+            progress=progress,
+        )
+    return job.results
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a pass writes, fixed before any tensor byte is read."""
+
+    names: list[str]  # output file names
+    headers: list[bytes]  # their encoded headers
+    results: list[Reconstruction]
+    windows: list[Window]
+    weights: list[list[float]]
+    latest: int
+
+
+def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window_bytes: int) -> Job:
+    """Output names, headers and metadata, and the windows of the pass."""
     stds = the_plan.stds
     inputs, weights = the_plan.inputs, the_plan.weights
     layout = inputs[0].header.tensors
@@ -223,19 +277,7 @@ def write_plan(
         )
     averaged = {ti.name for ti in layout if ti.name not in copied and ti.dtype.is_floating_point}
     windows = plan_windows(layout, averaged, out_dtype, window_bytes)
-    with _OutputFiles(out_store, names, overwrite) as files, _torch_threads(threads):
-        for f, head in zip(files, headers, strict=True):
-            f.write(head)
-        stream(
-            lambda r, offset, buf: read_logical(src, inputs[r], offset, buf),
-            windows,
-            weights,
-            latest,
-            files,
-            max_inflight=max_inflight,
-            progress=progress,
-        )
-    return results
+    return Job(names, headers, results, windows, weights, latest)
 
 
 def _check_options(

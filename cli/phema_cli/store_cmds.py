@@ -153,6 +153,17 @@ def clean(
         )
 
 
+def _join_torchrun() -> bool:
+    """Join the process group torchrun describes (gloo); whether there is more than one rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
+
+
 def plan_cmd(
     url: UrlArg,
     std: StdOpt,
@@ -220,10 +231,49 @@ def reconstruct_cmd(
     ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
-    """Make new EMA profiles from a store in one pass over its snapshots."""
+    """Make new EMA profiles from a store in one pass over its snapshots.
+
+    Under torchrun (WORLD_SIZE > 1) every process reads and sums its own ~1/N of the
+    bytes and rank 0 writes the outputs, the same files one process writes.
+    """
     stds = parse_stds(std)
+    parallel = _join_torchrun()
+    try:
+        _reconstruct(url, stds, out, at, overwrite, window_mb, inflight, threads, as_json, parallel)
+    finally:
+        if parallel:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _reconstruct(
+    url: str,
+    stds: list[float],
+    out: str,
+    at: float | None,
+    overwrite: bool,
+    window_mb: float,
+    inflight: int,
+    threads: int,
+    as_json: bool,
+    parallel: bool,
+) -> None:
+    rank = int(os.environ.get("RANK", "0")) if parallel else 0
     src = SnapshotStore(url)
     the_plan = plan(src, stds, at=at)
+    if rank != 0:  # every rank reads its share; rank 0 reports
+        write_plan(
+            the_plan,
+            src,
+            out,
+            overwrite=overwrite,
+            window_bytes=int(window_mb * (1 << 20)),
+            max_inflight=inflight,
+            threads=threads or None,
+            parallel=True,
+        )
+        return
     columns = (
         TextColumn("reading"),
         BarColumn(),
@@ -232,7 +282,8 @@ def reconstruct_cmd(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task("read", total=the_plan.bytes_to_read)
+        total = None if parallel else the_plan.bytes_to_read  # this rank reads ~1/N of it
+        task = bar.add_task("read", total=total)
         results = write_plan(
             the_plan,
             src,
@@ -242,6 +293,7 @@ def reconstruct_cmd(
             max_inflight=inflight,
             threads=threads or None,
             progress=lambda n: bar.advance(task, n),
+            parallel=parallel,
         )
     for s, res in zip(stds, results, strict=True):
         if as_json:

@@ -9,6 +9,8 @@ those files and on the stores written under ``<out>``. Modes:
 * ``resume``: loads the DCP checkpoint of a ``train`` run (any world size) and
   compares the profiles with the ones that run saved whole.
 * ``kill``: rank 1 dies while it writes its first shard.
+* ``reconstruct``: ``reconstruct(parallel=True)`` of ``$PHEMA_SRC`` into
+  ``<out>/parallel``, with the bytes each rank read.
 * ``remote``: sharded snapshots to ``$PHEMA_REMOTE_URL`` (S3, the Hub), single-file
   ones of the same trajectory to ``<out>/plain``.
 """
@@ -251,11 +253,35 @@ def remote(out: str, rank: int, size: int) -> dict[str, object]:
     return {"written": sharded.written}
 
 
+def parallel_reconstruct(out: str, rank: int, size: int) -> dict[str, object]:
+    """``reconstruct(parallel=True)`` of ``$PHEMA_SRC`` into ``<out>/parallel``; bytes read."""
+    from phema.reconstruct import reconstruct
+
+    got: list[int] = []
+    made = reconstruct(
+        os.environ["PHEMA_SRC"],
+        [0.07, 0.09],
+        f"{out}/parallel",
+        window_bytes=64,
+        max_inflight=3,
+        threads=1,
+        progress=got.append,
+        parallel=True,
+    )
+    return {"bytes_read": sum(got), "reads": len(got), "paths": [m.path for m in made]}
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    modes = {"train": train, "resume": resume, "kill": kill, "remote": remote}
+    modes = {
+        "train": train,
+        "resume": resume,
+        "kill": kill,
+        "remote": remote,
+        "reconstruct": parallel_reconstruct,
+    }
     res = modes[mode](out, rank, size)
     with open(f"{out}/{mode}-{size}-rank{rank}.json", "w") as f:
         json.dump(res, f)

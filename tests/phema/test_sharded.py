@@ -220,3 +220,54 @@ def test_ranks_write_shards_to_s3_and_the_hub(backend, request, tmp_path):
         a, b = remote.load(i), local.load(j)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["plain", "fsdp"])
+def test_reconstruction_by_n_processes_equals_one_and_splits_the_reads(trained, kind, tmp_path):
+    n, out, _ = trained
+    src = str(out / kind)
+    one = reconstruct(src, [0.07, 0.09], str(tmp_path / "one"), window_bytes=64, threads=1)
+    torchrun("reconstruct", tmp_path, n, env={"PHEMA_SRC": src})
+    res = results(tmp_path, "reconstruct", n)
+    for j, ref in enumerate(one):  # the same files, byte for byte
+        assert Path(res[0]["paths"][j]).read_bytes() == Path(ref.path).read_bytes()
+    plan_bytes = sum(i.header.data_bytes for i in SnapshotStore(src).list())
+    read = [r["bytes_read"] for r in res]
+    assert sum(read) == plan_bytes  # every byte once, over all ranks
+    # Each rank reads the windows starting in its 1/n of the data: at most 1/n of the
+    # bytes plus one window (64 bytes) per snapshot.
+    per_snapshot_extra = 64 * len(SnapshotStore(src).list())
+    assert max(read) <= plan_bytes // n + per_snapshot_extra
+    assert not list((tmp_path / "parallel").rglob("*.part"))  # parts removed
+    assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == sorted(
+        Path(r.path).name for r in one
+    )
+    before = {p: p.read_bytes() for p in (tmp_path / "parallel").iterdir()}
+    again = torchrun("reconstruct", tmp_path, n, env={"PHEMA_SRC": src}, check=False)
+    assert again.returncode != 0
+    assert "exists; pass overwrite=True" in again.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "parallel").iterdir()} == before
+
+
+@pytest.mark.slow
+def test_phema_reconstruct_under_torchrun(trained, tmp_path):
+    n, out, _ = trained
+    exe = shutil.which("torchrun")
+    cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    phema_cli = shutil.which("phema")
+    assert phema_cli is not None
+    args = ["reconstruct", str(out / "partition"), "--std", "0.08", "--out", str(tmp_path / "o")]
+    done = subprocess.run(
+        [*cmd, "--standalone", f"--nproc_per_node={n}", phema_cli, *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1  # rank 0 reports
+    single = reconstruct(str(out / "plain"), [0.08], str(tmp_path / "single"), threads=1)
+    assert Path(rows[0]["url"]).read_bytes() == Path(single[0].path).read_bytes()

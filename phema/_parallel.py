@@ -1,0 +1,161 @@
+r"""Reconstruction by N processes: each reads and sums a disjoint ~1/N of the windows.
+
+The pass's windows tile the snapshots' data section (:math:`B` bytes per snapshot).
+Rank :math:`r` takes the windows that start in
+:math:`[\lfloor rB/N \rfloor, \lfloor (r+1)B/N \rfloor)`, the same for every
+snapshot, so the ranks together read every stored byte once and each reads about
+:math:`1/N` of them. A window's sum involves that window's bytes only, so each rank
+runs the single-process engine (:func:`phema._stream.stream`) over its windows into
+K **part files**: raw output bytes, no header, staged and published as
+``shards/<output stem>/<id>-<rank>.part`` in the output store (never listed). Rank 0
+then writes each output, its header followed by the parts in rank order, staged and
+published together exactly as one process does (all or none, never over an existing
+file unless asked), and removes the parts. The outputs are byte for byte those of a
+single process.
+
+Before reading, the ranks compare a fingerprint of what they planned (outputs,
+inputs with the versions listed, coefficients, windows); ranks that listed the store
+while it changed refuse to start. Every failure is reported on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable
+
+from phema._dist import all_gather_json, broadcast_text, world
+from phema._stream import Reader, Window, stream
+from phema.errors import ExistsError, StorageError
+from phema.reconstruct import Job, _OutputFiles
+from phema.store import SUFFIX, SnapshotStore
+
+__all__ = ["my_windows", "part_bytes", "write_parallel"]
+
+#: Bytes of a part copied at a time by rank 0 when it joins the outputs.
+JOIN_CHUNK = 8 << 20
+
+
+def my_windows(windows: list[Window], rank: int, size: int) -> list[Window]:
+    """The windows rank ``rank`` of ``size`` sums: those starting in its byte range."""
+    total = sum(w.size for w in windows)
+    lo, hi = total * rank // size, total * (rank + 1) // size
+    return [w for w in windows if lo <= w.offset < hi]
+
+
+def part_bytes(windows: list[Window]) -> int:
+    """Output bytes the windows produce (per output)."""
+    return sum(
+        (r.stop - r.start) if r.acc < 0 else r.numel * r.out_dtype.itemsize
+        for w in windows
+        for r in w.runs
+    )
+
+
+def _fingerprint(job: Job, inputs: list[tuple[str, str]]) -> str:
+    text = json.dumps([job.names, inputs, job.weights, [(w.offset, w.size) for w in job.windows]])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_parallel(
+    job: Job,
+    read: Reader,
+    out: SnapshotStore,
+    overwrite: bool,
+    max_inflight: int,
+    progress: Callable[[int], None] | None,
+    inputs: list[tuple[str, str]] | None = None,
+) -> None:
+    """This rank's share of the pass, then (rank 0) the outputs; every rank must call it."""
+    rank, size = world()
+    prints = all_gather_json(_fingerprint(job, inputs or []))
+    if len(set(prints)) > 1:
+        raise StorageError(
+            "the ranks planned different reconstructions (the store changed while they "
+            "listed it, or they were given other options); run again"
+        )
+    if not overwrite:
+        for name in job.names:  # the same answer on every rank; publish checks again
+            if out.exists(name):
+                raise ExistsError(
+                    f"{out.url}/{name} exists; pass overwrite=True (--overwrite) to replace it"
+                )
+    token = broadcast_text(uuid.uuid4().hex[:12], 12)
+    parts = [
+        [f"shards/{n.removesuffix(SUFFIX)}/{token}-{r:05d}.part" for r in range(size)]
+        for n in job.names
+    ]
+    error = _write_part(
+        job, read, out, [p[rank] for p in parts], rank, size, max_inflight, progress
+    )
+    errors = [e for e in all_gather_json(error) if e]
+    final = ""
+    if rank == 0:
+        final = "; ".join(errors) if errors else _join(job, out, parts, overwrite, size)
+        _remove(out, [n for p in parts for n in p])
+    final = str(all_gather_json(final)[0])
+    if final:
+        raise StorageError(
+            f"parallel reconstruction into {out.url} failed, nothing was published: {final}"
+        )
+
+
+def _remove(out: SnapshotStore, names: list[str]) -> None:
+    """Remove the parts (unlisted either way), and on local disk their emptied folders."""
+    for name in names:
+        with contextlib.suppress(Exception):
+            out.fs.rm(out.path_of(name))
+    if out.is_local:
+        for folder in sorted({os.path.dirname(out.path_of(n)) for n in names}):
+            for empty in (folder, os.path.dirname(folder)):  # shards/<stem>, then shards
+                with contextlib.suppress(OSError):
+                    os.rmdir(empty)
+
+
+def _write_part(
+    job: Job,
+    read: Reader,
+    out: SnapshotStore,
+    names: list[str],
+    rank: int,
+    size: int,
+    max_inflight: int,
+    progress: Callable[[int], None] | None,
+) -> str:
+    """Stream this rank's windows into its K part files; ``""`` or the error."""
+    backend = out.backend
+    staged = []
+    try:
+        staged = [backend.stage(n, out.path_of(n), False) for n in names]
+        mine = my_windows(job.windows, rank, size)
+        files = [s.file for s in staged]
+        stream(
+            read, mine, job.weights, job.latest, files, max_inflight=max_inflight, progress=progress
+        )
+        backend.publish(staged, False)
+    except Exception as exc:
+        backend.discard(staged)
+        return f"rank {rank}: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def _join(job: Job, out: SnapshotStore, parts: list[list[str]], overwrite: bool, size: int) -> str:
+    """Rank 0: header + parts into each output, published together; ``""`` or the error."""
+    lengths = [part_bytes(my_windows(job.windows, r, size)) for r in range(size)]
+    buf = bytearray(JOIN_CHUNK)
+    try:
+        with _OutputFiles(out, job.names, overwrite) as files:
+            for f, head, names in zip(files, job.headers, parts, strict=True):
+                f.write(head)
+                for name, length in zip(names, lengths, strict=True):
+                    for start in range(0, length, JOIN_CHUNK):
+                        n = min(JOIN_CHUNK, length - start)
+                        view = memoryview(buf)[:n]
+                        out.read_into(out.path_of(name), start, view)
+                        f.write(view)
+    except Exception as exc:
+        return f"joining the parts: {type(exc).__name__}: {exc}"
+    return ""
