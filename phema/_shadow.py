@@ -237,13 +237,19 @@ class FusedShadows:
             for view, sv in zip(sviews, e.source_views(flat), strict=True):
                 view.copy_(sv.expand_as(view))
 
-    def get(self, index: int, k: int) -> Tensor:
-        """A contiguous copy of profile ``k`` of tensor ``index``, in the shadow dtype."""
+    def get(self, index: int, k: int, dtype: torch.dtype | None = None) -> Tensor:
+        """A contiguous copy of profile ``k`` of tensor ``index`` (shadow dtype by default).
+
+        One pass: each block of the profile is copied (and cast) straight into the result.
+        """
         e = self.entries[index]
-        parts = [v[:, k, :].reshape(-1) for v in self._shadow_views[index]]
-        if not parts:
-            return e.storage.new_empty(e.shape)
-        return torch.cat(parts).view(e.shape)
+        out = e.storage.new_empty(e.numel, dtype=dtype or e.storage.dtype)
+        pos = 0
+        for v in self._shadow_views[index]:
+            nb, _, b = v.shape
+            out[pos : pos + nb * b].view(nb, b).copy_(v[:, k, :])
+            pos += nb * b
+        return out.view(e.shape)
 
     @torch.no_grad()
     def set(self, index: int, k: int, value: Tensor) -> None:

@@ -179,15 +179,19 @@ def encode_header(
     return prefix, Header(tuple(infos), dict(metadata), len(prefix))
 
 
-def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytearray:
     """A whole safetensors file for ``tensors`` (CPU copies are made as needed)."""
     specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     prefix, header = encode_header(specs, metadata)
-    parts = [prefix]
+    out = bytearray(header.file_bytes)  # filled in place: the file is held once
+    out[: len(prefix)] = prefix
+    view = torch.frombuffer(out, dtype=torch.uint8) if out else torch.empty(0, dtype=torch.uint8)
     for info in header.tensors:
-        t = tensors[info.name].detach().to("cpu").contiguous()
-        parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return b"".join(parts)
+        t = tensors[info.name].detach().reshape(-1)
+        if info.end > info.begin:
+            dst = view[header.data_start + info.begin : header.data_start + info.end]
+            dst.view(t.dtype).copy_(t)
+    return out
 
 
 def parse_header_length(first8: bytes, source: str) -> int:

@@ -154,7 +154,12 @@ class HubBatch:
             ) from exc
 
     def add(
-        self, name: str, data: bytes | str, *, defer: bool = False, overwrite: bool = False
+        self,
+        name: str,
+        data: bytes | bytearray | str,
+        *,
+        defer: bool = False,
+        overwrite: bool = False,
     ) -> None:
         """Queue ``data`` (bytes, or a local file path that this batch takes over) as ``name``.
 

@@ -87,7 +87,7 @@ def shard_name(stem: str, snapshot_id: str, rank: int) -> str:
 
 def encode_shard(
     pieces: Sequence[tuple[str, int, int, Tensor]], snapshot_id: str, meta: Mapping[str, str]
-) -> tuple[bytes, dict[str, object]]:
+) -> tuple[bytearray, dict[str, object]]:
     """The bytes of one shard file and the record the manifest keeps of it.
 
     ``pieces`` are ``(name, begin, end, values)`` with ``values`` the 1-D elements.

@@ -249,7 +249,7 @@ class SnapshotStore:
         return self.backend.exists(self.path_of(name))
 
     def write(
-        self, name: str, data: bytes, *, overwrite: bool = False, exist_ok: bool = False
+        self, name: str, data: bytes | bytearray, *, overwrite: bool = False, exist_ok: bool = False
     ) -> str:
         """Write ``data`` as file ``name``: it appears whole, or not at all.
 
@@ -298,7 +298,7 @@ class SnapshotStore:
             "or another model or settings, wrote it); move it away or write to a new store"
         )
 
-    def _holds(self, path: str, data: bytes) -> bool:
+    def _holds(self, path: str, data: bytes | bytearray) -> bool:
         try:
             return self.backend.read_all(path) == data
         except FileNotFoundError:

@@ -266,9 +266,9 @@ class PowerFunctionEMA:
                 return k
         raise TrackingError(f"no tracked profile with std {std}; tracked stds are {self._stds}")
 
-    def _value(self, i: int, k: int, full: bool) -> Tensor:
+    def _value(self, i: int, k: int, full: bool, dtype: torch.dtype | None = None) -> Tensor:
         """Profile ``k`` of tensor ``i``: local rows as a DTensor, or gathered when ``full``."""
-        piece, local = self._pieces[i], self._shadows.get(i, k)
+        piece, local = self._pieces[i], self._shadows.get(i, k, dtype)
         if piece.kind == "full":
             return local
         if piece.kind == "dtensor" and not full:
@@ -285,10 +285,13 @@ class PowerFunctionEMA:
         self.check_tracking()
         return {n: self._value(i, k, full) for i, n in enumerate(self._names)}
 
-    def profile_state_dict(self, std: float, *, full: bool = False) -> dict[str, Tensor]:
+    def profile_state_dict(
+        self, std: float, *, full: bool = False, dtype: torch.dtype | None = None
+    ) -> dict[str, Tensor]:
         """A full ``module.state_dict()`` with one profile's weights, ready to load.
 
-        Averaged entries come from the profile (shadow dtype), as in :meth:`profile`;
+        Averaged entries come from the profile (shadow dtype, or ``dtype``: cast as they
+        are copied), as in :meth:`profile`;
         other entries (buffers under the ``"copy"`` policy, integer buffers) are copies
         of the live module's. A parameter the EMA does not track raises
         :class:`TrackingError` rather than being filled from the live module.
@@ -300,20 +303,22 @@ class PowerFunctionEMA:
         for key, value in self.module.state_dict(keep_vars=True).items():
             i = self._index_of.get(id(value))
             if i is not None:
-                out[key] = self._value(i, k, full)
+                out[key] = self._value(i, k, full, dtype)
             else:
                 self._refuse_untracked(key, value)
                 live: Any = value.detach().clone()
                 out[key] = live.full_tensor() if full and is_dtensor(live) else live
         return out
 
-    def shard_state(self, std: float) -> ShardState:
+    def shard_state(self, std: float, dtype: torch.dtype | None = None) -> ShardState:
         """This process's part of profile ``std``, for a snapshot written without a gather.
 
         Every element of the module's state is in exactly one rank's part: the rows a
         rank holds and writes of each tracked tensor (see :class:`Piece`), and, on rank
         0, the whole of every untracked entry (buffers under the ``"copy"`` policy).
-        Values are 1-D copies. Every rank must call it (DTensor buffers are gathered).
+        Values are 1-D copies, floating-point ones in ``dtype`` if given (each cast as it
+        is copied: no full-precision copy is made). Every rank must call it (DTensor
+        buffers are gathered).
         """
         k = self.index(std)
         self._require_updated()
@@ -326,15 +331,18 @@ class PowerFunctionEMA:
                 self._refuse_untracked(key, value)
                 live: Any = value.detach()
                 live = live.full_tensor() if is_dtensor(live) else live
-                specs.append((key, live.dtype, tuple(live.shape)))
+                cast = dtype if dtype is not None and live.is_floating_point() else live.dtype
+                specs.append((key, cast, tuple(live.shape)))
                 copied.append(key)
                 if rank == 0:
-                    pieces.append((key, 0, live.numel(), live.reshape(-1).clone()))
+                    pieces.append((key, 0, live.numel(), live.reshape(-1).to(cast, copy=True)))
                 continue
             piece = self._pieces[i]
-            specs.append((key, self._shadows.dtype_of(i), piece.shape))
+            cast = dtype or self._shadows.dtype_of(i)
+            specs.append((key, cast, piece.shape))
             if piece.writes and piece.end > piece.begin:
-                pieces.append((key, piece.begin, piece.end, self._shadows.get(i, k).reshape(-1)))
+                values = self._shadows.get(i, k, cast).reshape(-1)
+                pieces.append((key, piece.begin, piece.end, values))
         return ShardState(specs, pieces, tuple(copied))
 
     def _refuse_untracked(self, key: str, value: Tensor) -> None:

@@ -108,7 +108,7 @@ class SnapshotWriter:
             averaged = set(ema.names)
             jobs: list[_Job | ShardedJob] = []
             for std, gamma in zip(ema.stds, ema.gammas, strict=True):
-                state = ema.profile_state_dict(std)
+                state = ema.profile_state_dict(std, dtype=self.dtype)  # cast as copied
                 copied = tuple(n for n in state if n not in averaged)
                 jobs.append((state, ema.t, std, gamma, copied, step))
             self._queue.put(jobs)
@@ -123,15 +123,11 @@ class SnapshotWriter:
                 self._thread.start()
         jobs: list[_Job | ShardedJob] = []
         for std, gamma in zip(ema.stds, ema.gammas, strict=True):
-            part = ema.shard_state(std)
-            cast = self.dtype
-            specs = [(n, cast if cast and d.is_floating_point else d, s) for n, d, s in part.specs]
-            pieces = [
-                (n, b, e, v.to(cast) if cast and v.is_floating_point() else v)
-                for n, b, e, v in part.pieces
-            ]
+            part = ema.shard_state(std, self.dtype)  # cast as copied: no fp32 copy is held
             sid = self._sharded.next_id()
-            jobs.append(ShardedJob(specs, pieces, part.copied, ema.t, std, gamma, step, sid))
+            jobs.append(
+                ShardedJob(part.specs, part.pieces, part.copied, ema.t, std, gamma, step, sid)
+            )
         return jobs
 
     def _run(self) -> None:
@@ -143,7 +139,8 @@ class SnapshotWriter:
                 except BaseException as exc:
                     self._fail(f"{self.store.url} (files waiting for a Hub commit)", exc)
                 return
-            for job in jobs:
+            while jobs:  # each job is dropped once written: memory falls as files go
+                job = jobs.pop(0)
                 if isinstance(job, ShardedJob):
                     self._write_sharded(job)
                     continue
