@@ -38,6 +38,7 @@ __all__ = [
     "TensorInfo",
     "check_storage_dtype",
     "encode_header",
+    "file_view",
     "layout_hash",
     "parse_header",
     "parse_header_length",
@@ -179,19 +180,34 @@ def encode_header(
     return prefix, Header(tuple(infos), dict(metadata), len(prefix))
 
 
-def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytearray:
+def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
     """A whole safetensors file for ``tensors`` (CPU copies are made as needed)."""
+    return bytes(file_view(tensors, metadata))
+
+
+def file_view(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], *, consume: bool = False
+) -> memoryview:
+    """:func:`serialize` into one buffer, returned as a view (no final copy).
+
+    With ``consume`` (``tensors`` a dict), each tensor is removed from ``tensors`` once
+    copied into the file, so that memory is released while the file fills.
+    """
     specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     prefix, header = encode_header(specs, metadata)
-    out = bytearray(header.file_bytes)  # filled in place: the file is held once
-    out[: len(prefix)] = prefix
-    view = torch.frombuffer(out, dtype=torch.uint8) if out else torch.empty(0, dtype=torch.uint8)
+    # Filled in place; its pages become resident only as they are written, so with
+    # ``consume`` the file grows while the tensors it takes are released.
+    view = torch.empty(header.file_bytes, dtype=torch.uint8)
+    view[: len(prefix)].copy_(torch.frombuffer(bytearray(prefix), dtype=torch.uint8))
     for info in header.tensors:
         t = tensors[info.name].detach().reshape(-1)
         if info.end > info.begin:
             dst = view[header.data_start + info.begin : header.data_start + info.end]
             dst.view(t.dtype).copy_(t)
-    return out
+        if consume:
+            del tensors[info.name]  # type: ignore[attr-defined]
+        del t
+    return view.numpy().data
 
 
 def parse_header_length(first8: bytes, source: str) -> int:

@@ -156,7 +156,7 @@ class HubBatch:
     def add(
         self,
         name: str,
-        data: bytes | bytearray | str,
+        data: bytes | bytearray | memoryview | str,
         *,
         defer: bool = False,
         overwrite: bool = False,

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from phema.errors import FormatError, PhemaError, StorageError
-from phema.format import Header, encode_header, layout_hash, serialize
+from phema.format import Header, encode_header, file_view, layout_hash
 
 if TYPE_CHECKING:
     from phema.store import SnapshotInfo, SnapshotStore
@@ -86,14 +86,17 @@ def shard_name(stem: str, snapshot_id: str, rank: int) -> str:
 
 
 def encode_shard(
-    pieces: Sequence[tuple[str, int, int, Tensor]], snapshot_id: str, meta: Mapping[str, str]
-) -> tuple[bytearray, dict[str, object]]:
+    pieces: list[tuple[str, int, int, Tensor]], snapshot_id: str, meta: Mapping[str, str]
+) -> tuple[memoryview, dict[str, object]]:
     """The bytes of one shard file and the record the manifest keeps of it.
 
-    ``pieces`` are ``(name, begin, end, values)`` with ``values`` the 1-D elements.
+    ``pieces`` are ``(name, begin, end, values)`` with ``values`` the 1-D elements. The
+    list is emptied: each piece's memory is released once it is in the file, so a
+    shard is held about once while it is encoded.
     """
     tensors = {n: v.detach().reshape(-1).to("cpu").contiguous() for n, _, _, v in pieces}
     ranges = {n: [b, e] for n, b, e, _ in pieces}
+    pieces.clear()
     metadata = dict(meta)
     metadata.update(
         {
@@ -103,7 +106,7 @@ def encode_shard(
         }
     )
     _, header = encode_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
-    data = serialize(tensors, metadata)
+    data = file_view(tensors, metadata, consume=True)
     record = {
         "size": len(data),
         "data_start": header.data_start,

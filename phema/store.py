@@ -65,8 +65,14 @@ from phema.errors import (
     ProfileError,
     StorageError,
 )
-from phema.format import FORMAT_VERSION, Header, layout_hash, parse_header, parse_header_length
-from phema.format import serialize as serialize_file
+from phema.format import (
+    FORMAT_VERSION,
+    Header,
+    file_view,
+    layout_hash,
+    parse_header,
+    parse_header_length,
+)
 from phema.hub import HubBackend, HubBatch
 from phema.shards import SHARD_FOLDER, Segment, Shard, parse_manifest, read_logical, verify_shards
 
@@ -249,7 +255,12 @@ class SnapshotStore:
         return self.backend.exists(self.path_of(name))
 
     def write(
-        self, name: str, data: bytes | bytearray, *, overwrite: bool = False, exist_ok: bool = False
+        self,
+        name: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        overwrite: bool = False,
+        exist_ok: bool = False,
     ) -> str:
         """Write ``data`` as file ``name``: it appears whole, or not at all.
 
@@ -298,7 +309,7 @@ class SnapshotStore:
             "or another model or settings, wrote it); move it away or write to a new store"
         )
 
-    def _holds(self, path: str, data: bytes | bytearray) -> bool:
+    def _holds(self, path: str, data: bytes | bytearray | memoryview) -> bool:
         try:
             return self.backend.read_all(path) == data
         except FileNotFoundError:
@@ -358,7 +369,7 @@ class SnapshotStore:
         meta = snapshot_metadata(
             tensors, t=t, std=std, gamma=gamma, t_unit=t_unit, step=step, copied=copied
         )
-        return self.write(snapshot_name(t, std), serialize_file(tensors, meta), exist_ok=exist_ok)
+        return self.write(snapshot_name(t, std), file_view(tensors, meta), exist_ok=exist_ok)
 
     def read_range(self, path: str, start: int, end: int, identity: str | None = None) -> bytes:
         """Bytes ``[start, end)`` of ``path``, by one exact ranged read.
