@@ -1,4 +1,4 @@
-"""EDM2 Config G reference client of phema: network, DDP training loop, sampler, metric.
+"""EDM2 Config G reference client of phema: network, DDP/FSDP2 training, sampler, metric.
 
 Modules: :mod:`~edm2_reference.mp` and :mod:`~edm2_reference.network` (the network),
 :mod:`~edm2_reference.presets`, :mod:`~edm2_reference.loss`, :mod:`~edm2_reference.train`,

@@ -1,23 +1,51 @@
-"""Training-state checkpoints: written atomically by rank 0, read back without unpickling code.
+"""Training-state checkpoints: written atomically, read back with the settings checked first.
 
 A checkpoint is ``training-state-<nimg 12 digits>.pt`` in the run folder, saved with
 ``torch.save`` and loaded with ``torch.load(weights_only=True)``: it holds only tensors,
-numbers, strings and plain containers (the network's and Adam's state dicts, the EMA's
-``state_dict()``, the image count and the settings that must not change on resume).
+numbers, strings and plain containers.
+
+* One process: the file holds everything (the network's and Adam's state dicts, the EMA's
+  ``state_dict()``, the image count and the settings that must not change on resume);
+  rank 0 writes it (:func:`save_checkpoint`).
+* Several processes (DDP with a partitioned EMA, or FSDP2): the network, Adam and EMA states
+  are saved by every rank with ``torch.distributed.checkpoint`` into the folder
+  ``training-state-<nimg>.dcp`` beside the file, which then holds only the counters, the
+  settings and the folder's name (:func:`save_sharded_checkpoint`). The folder is written
+  under a temporary name and renamed by rank 0 once every rank is done; the file is written
+  last, so a checkpoint is seen only when all its parts are there, and a crash at any point
+  leaves the previous one the latest. Every rank must see the run folder (a shared file
+  system, as for the snapshot store). DCP reads its ``.metadata`` file with ``pickle``:
+  resume only from run folders you trust, as with any DCP checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from phema.errors import PhemaError
 from phema.store import atomic_write
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_sharded_parts",
+    "save_checkpoint",
+    "save_sharded_checkpoint",
+    "sharded_folder",
+]
 
 _NAME = re.compile(r"^training-state-(\d{12})\.pt$")
 
@@ -63,3 +91,81 @@ def load_checkpoint(path: str, expect: dict[str, Any]) -> dict[str, Any]:
             "or use a new --outdir"
         )
     return state
+
+
+def sharded_folder(nimg: int) -> str:
+    """Name of the folder holding the sharded parts of the checkpoint after ``nimg`` images."""
+    return f"training-state-{nimg:012d}.dcp"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """DCP without a process group warns that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_sharded_checkpoint(
+    run_dir: str, nimg: int, state: dict[str, Any], parts: dict[str, Any]
+) -> str:
+    """Every rank: save ``parts`` with DCP, then (rank 0) publish ``state`` naming them.
+
+    ``parts`` are state dicts whose tensors may be DTensors (each rank writes its shards;
+    replicated tensors are written once). They go to a temporary folder, which rank 0
+    renames to :func:`sharded_folder` after every rank has finished, replacing a leftover of
+    that name; then rank 0 writes the checkpoint file (``state`` plus ``"sharded"``, the
+    folder's name) atomically. Collective: every rank must call it. Returns the file's path.
+    """
+    final = os.path.join(run_dir, sharded_folder(nimg))
+    tmp = os.path.join(run_dir, f".{sharded_folder(nimg)}.tmp")
+    if _rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+    _barrier()
+    with _one_process_quietly():
+        dcp_save(parts, checkpoint_id=tmp)  # returns on every rank once rank 0 wrote .metadata
+    _barrier()
+    path = checkpoint_path(run_dir, nimg)
+    if _rank() == 0:
+        if os.path.exists(final):  # parts of a save that crashed before its file was written
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+        save_checkpoint(run_dir, nimg, {**state, "sharded": sharded_folder(nimg)})
+    _barrier()
+    return path
+
+
+def load_sharded_parts(path: str, state: dict[str, Any], parts: dict[str, Any]) -> None:
+    """Load the sharded parts of the checkpoint file ``path`` into ``parts``, in place.
+
+    ``state`` is the file's content (:func:`load_checkpoint`); ``parts`` are this run's
+    state dicts, whose tensors say which rows each rank reads (DCP reshards as needed).
+    Collective when a process group is initialised.
+    """
+    folder = os.path.join(os.path.dirname(path), str(state["sharded"]))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{path} names the folder {folder} of its parts, which is missing")
+    try:
+        with _one_process_quietly():
+            dcp_load(parts, checkpoint_id=folder)
+    except Exception as exc:
+        raise CheckpointError(f"{folder}: the parts of {path} cannot be loaded ({exc})") from exc

@@ -21,7 +21,7 @@ class World:
 
     @property
     def is_main(self) -> bool:
-        """Whether this is rank 0 (the one that logs, snapshots and checkpoints)."""
+        """Whether this is rank 0 (the one that logs and writes checkpoint files)."""
         return self.rank == 0
 
     def all_mean(self, value: float) -> float:
@@ -31,6 +31,14 @@ class World:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item()) / self.size
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (so that all ranks take the same branch)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
 
     def barrier(self) -> None:
         """Wait for every rank (a no-op alone)."""

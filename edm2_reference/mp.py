@@ -23,6 +23,13 @@ the averaged weights. Two independent rules make that impossible here:
 Skipping the in-place rewrite changes a forward's output only through the ``eps`` term (relative
 2e-4 at most), since the forward always uses ``normalize(weight)`` and ``normalize`` is idempotent
 up to ``eps``. Forced normalisation matters for the training dynamics, not for any one output.
+
+Sharded training (FSDP2's ``fully_shard``) runs each forward on gathered copies of the weights, so
+a rewrite made there would never reach the shards the optimizer steps. The training loop then
+turns the rewrite off (``MPConv.normalize_in_forward = False``) and calls
+:func:`normalize_weights_` before each forward instead: it rewrites each rank's rows in place,
+and since rows are normalised one by one and ``fully_shard`` shards whole rows (dim 0), the
+weights and the forward's arithmetic are those of the unsharded rewrite.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Literal, Self, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from phema.errors import PhemaError
 
@@ -48,6 +56,7 @@ __all__ = [
     "mp_silu",
     "mp_sum",
     "normalize",
+    "normalize_weights_",
     "pixel_norm",
     "resample",
 ]
@@ -199,8 +208,13 @@ class MPConv(Freezable):
     input's dtype. Convolutions are zero-padded by ``k // 2`` ("same" size).
 
     Forced weight normalisation (``W <- normalize(W)`` in place) runs before each forward that is
-    made for training; see the module docstring for the exact rule.
+    made for training; see the module docstring for the exact rule. A loop that normalises the
+    weights itself (sharded training, :func:`normalize_weights_`) sets ``normalize_in_forward``
+    to False.
     """
+
+    normalize_in_forward: bool = True
+    """Whether a forward made for training rewrites the weight (see :attr:`forces_normalization`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, ...] = ()) -> None:
         super().__init__()
@@ -218,6 +232,7 @@ class MPConv(Freezable):
             and not self._frozen
             and self.weight.requires_grad
             and torch.is_grad_enabled()
+            and self.normalize_in_forward
         )
 
     def forward(self, x: Tensor, gain: float | Tensor = 1.0) -> Tensor:
@@ -235,6 +250,25 @@ class MPConv(Freezable):
     def extra_repr(self) -> str:
         kernel = tuple(self.weight.shape[2:])
         return f"{self.in_channels}, {self.out_channels}, kernel={kernel}"
+
+
+@torch.no_grad()
+def normalize_weights_(module: nn.Module) -> None:
+    """Forced weight normalisation, now, of every trainable :class:`MPConv` under ``module``.
+
+    Each weight is rewritten in place to ``normalize(weight)``, as a forward made for training
+    does (the same rule: training mode, not frozen, ``requires_grad``). For a weight sharded
+    with FSDP2 (a ``DTensor`` of whole rows) only this rank's rows are rewritten, with no
+    collective: rows are normalised independently, so the result is the unsharded rewrite's.
+    Call it between optimizer steps, while the sharded parameters are registered.
+    """
+    for m in module.modules():
+        if not (isinstance(m, MPConv) and m.training and not m.frozen and m.weight.requires_grad):
+            continue
+        w = m.weight
+        local = w.to_local() if isinstance(w, DTensor) else w
+        if local.numel():  # a rank may hold no rows of a small tensor
+            local.copy_(normalize(local.to(torch.float32)))
 
 
 class MPFourier(nn.Module):

@@ -1,22 +1,32 @@
-"""EDM2 training loop: DDP, the learned-uncertainty loss, phema snapshots, exact resume.
+"""EDM2 training loop: DDP or FSDP2, the learned-uncertainty loss, phema snapshots, exact resume.
 
 Run ``python -m edm2_reference.train --preset digits8 --outdir runs/d8`` (or the same under
-``torchrun --nproc_per_node=N``). Time is counted in images (``nimg``). Every step:
+``torchrun --nproc_per_node=N``, with ``--fsdp`` to shard the network). Time is counted in
+images (``nimg``). Every step:
 
 1. The step's global batch is images ``[nimg, nimg + B)`` of the run's fixed order
    (:func:`edm2_reference.data.global_order`), and its noise (levels, noise, flips) is drawn
    for the whole global batch from a generator seeded by ``(seed, step)``. Rank ``r`` of
    ``W`` takes global positions ``r, r + W, ...``, split into rounds of ``--batch-gpu``
-   (gradient accumulation, DDP sync on the last round only). So the maths of a step does
-   not depend on the number of processes or on ``--batch-gpu``, and a resumed run repeats
-   an uninterrupted one exactly. (Dropout masks come from a per-rank generator, so runs with
-   dropout agree across process counts only in distribution.)
-2. The gradient of the mean per-image loss; non-finite gradient entries are zeroed; Adam
-   with ``lr = lr_ref / sqrt(max(nimg / (t_ref B), 1)) * min(nimg / rampup, 1)``, taken at
-   ``nimg`` before the step.
-3. Rank 0 alone updates the :class:`phema.PowerFunctionEMA` at ``t = nimg`` after the step
-   (no redundant copies on other ranks), queues snapshots to phema's store every
-   ``--snapshot`` images, and writes checkpoints every ``--checkpoint`` images and at the end.
+   (gradient accumulation, gradient sync on the last round only). So the maths of a step
+   does not depend on the number of processes, on ``--batch-gpu`` or on ``--fsdp``, and a
+   resumed run repeats an uninterrupted one exactly. (Dropout masks come from a per-rank
+   generator, so runs with dropout agree across process counts only in distribution.)
+2. The gradient of the mean per-image loss: each rank's loss is its images' sum over ``B /
+   W``, and DDP's all-reduce or FSDP2's reduce-scatter averages over ranks. Non-finite
+   gradient entries are zeroed; Adam with ``lr = lr_ref / sqrt(max(nimg / (t_ref B), 1)) *
+   min(nimg / rampup, 1)``, taken at ``nimg`` before the step. Under ``--fsdp`` every
+   :class:`~edm2_reference.network.Block` and then the root are ``fully_shard``-ed; the 0-d
+   gains (which ``fully_shard`` cannot shard) stay replicated and their gradients are
+   averaged by the loop, and forced weight normalisation is applied to the shards before each
+   forward (:func:`edm2_reference.mp.normalize_weights_`), as DDP's forward applies it to the
+   whole weights.
+3. A :class:`phema.PowerFunctionEMA` is updated at ``t = nimg`` after the step. One process
+   tracks the whole network and writes single-file snapshots; with several, every rank
+   tracks its rows (``partition=True`` under DDP, the FSDP2 shards under ``--fsdp``) and
+   writes its shard of each snapshot (every ``--snapshot`` images). Checkpoints are written
+   every ``--checkpoint`` images and at the end (:mod:`edm2_reference.checkpoint`: one file
+   for one process; DCP parts from every rank plus a small file for several).
 """
 
 from __future__ import annotations
@@ -26,19 +36,39 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from rich.console import Console
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from edm2_reference.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from edm2_reference.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_parts,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from edm2_reference.data import ImageDataset, global_order, load_dataset
 from edm2_reference.distributed import World, init_world
 from edm2_reference.loss import draw_noise, edm2_loss
-from edm2_reference.network import Precond
+from edm2_reference.mp import MPConv, normalize_weights_
+from edm2_reference.network import Block, Precond
 from edm2_reference.presets import TrainingConfig, build_precond, get_preset
 from phema import PowerFunctionEMA, SnapshotWriter
 from phema.store import snapshot_name
@@ -70,6 +100,7 @@ class TrainSettings:
     device: str | None = None
     precision: str = "auto"  # auto (preset's fp16 trunk on CUDA) | fp32 | bf16
     stop_at: int | None = None  # end this invocation at this image count (resumable)
+    fsdp: bool = False  # shard the network with FSDP2 instead of DDP (several processes)
     network: dict[str, Any] = field(default_factory=dict)  # NetworkConfig overrides
 
     def training(self) -> TrainingConfig:
@@ -95,8 +126,8 @@ class TrainResult:
 
     nimg: int
     losses: list[tuple[int, float]]
-    snapshots: list[str]
-    net: Precond
+    snapshots: list[str]  # the snapshot files this rank published (rank 0 under sharding)
+    net: Precond  # sharded with fully_shard under --fsdp
 
 
 def _mix(*keys: int) -> int:
@@ -144,8 +175,13 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
         preset, label_dim=label_dim, img_resolution=h, img_channels=c, **overrides
     ).to(world.device)
     net.train()
+    fsdp = settings.fsdp and world.size > 1
+    if settings.fsdp and not fsdp and world.is_main:
+        console.print("--fsdp: one process, nothing to shard; training unsharded", highlight=False)
+    replicated = _shard(net, world) if fsdp else []
     optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=cfg.adam_betas, eps=cfg.adam_eps)
-    ema = PowerFunctionEMA(net, stds=cfg.ema_stds) if world.is_main else None
+    # Made after fully_shard; with several processes every rank tracks its rows only.
+    ema = PowerFunctionEMA(net, stds=cfg.ema_stds, partition=world.size > 1)
     expect = {
         "preset": settings.preset,
         "data": dataset.name,
@@ -158,27 +194,31 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
     resume = latest_checkpoint(settings.outdir)
     if resume is not None:
         state = load_checkpoint(resume, expect)
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        _restore(resume, state, net, optimizer, ema, fsdp)
         nimg, step, elapsed = int(state["nimg"]), int(state["step"]), float(state["elapsed"])
         if world.is_main:
-            console.print(f"resumed from {resume} at {nimg} images", highlight=False)
+            written_by = int(state.get("world_size", 1))
+            note = (
+                f" (written by {written_by} processes, now {world.size}: the sums run in "
+                "another order, so this run repeats an uninterrupted one only up to rounding)"
+                if written_by != world.size
+                else ""
+            )
+            console.print(f"resumed from {resume} at {nimg} images{note}", highlight=False)
     ddp = (
         DistributedDataParallel(
             net, device_ids=[world.device] if world.device.type == "cuda" else None
         )
-        if world.size > 1
+        if world.size > 1 and not fsdp
         else None
     )
+    model: nn.Module = ddp if ddp is not None else net
     store_url = settings.snapshots or os.path.join(settings.outdir, "snapshots")
-    writer = None
-    if world.is_main:  # the only rank that writes snapshots
-        dtype = getattr(torch, settings.snapshot_dtype)
-        writer = SnapshotWriter(
-            store_url, dtype=dtype if dtype != torch.float32 else None, t_unit="images"
-        )
+    # One process writes whole snapshots; with several, every rank writes its shards.
+    dtype = getattr(torch, settings.snapshot_dtype)
+    writer = SnapshotWriter(
+        store_url, dtype=dtype if dtype != torch.float32 else None, t_unit="images"
+    )
     end = (
         cfg.duration_nimg if settings.stop_at is None else min(settings.stop_at, cfg.duration_nimg)
     )
@@ -215,24 +255,26 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
                 idx = order[rows.numpy()]
                 images = dataset.images(idx).to(world.device)
                 labels = dataset.one_hot(idx).to(world.device) if label_dim else None
-                # DDP all-reduces gradients on the last round only.
+                last = r == rounds - 1
+                if fsdp:
+                    _before_sharded_forward(net, sync=last)
+                # DDP all-reduces (FSDP2 reduce-scatters) gradients on the last round only.
                 with (
-                    ddp.no_sync()
-                    if ddp is not None and r < rounds - 1
-                    else contextlib.nullcontext(),
+                    ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext(),
                     _autocast(world, settings.precision),
                 ):
-                    per_image = edm2_loss(
-                        ddp or net, images, labels, draw.take(rows.to(world.device))
-                    )
+                    per_image = edm2_loss(model, images, labels, draw.take(rows.to(world.device)))
                     loss = per_image.sum() * (cfg.loss_scaling / per_rank)
                 loss.backward()  # type: ignore[no-untyped-call]
                 step_loss += float(per_image.detach().sum())
+            if replicated:
+                _average_grads(replicated, world)
             for p in net.parameters():
                 if p.grad is not None:
+                    grad = _local(p.grad)
                     if cfg.loss_scaling != 1.0:
-                        p.grad.div_(cfg.loss_scaling)
-                    torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)
+                        grad.div_(cfg.loss_scaling)
+                    torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0, out=grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             nimg += cfg.batch_size
@@ -241,28 +283,152 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
             losses.append((nimg, mean_loss))
             window["loss"] += mean_loss
             window["n"] += 1
-            if ema is not None and writer is not None:
+            t0 = time.perf_counter()
+            ema.update(float(nimg))
+            window["ema_s"] += time.perf_counter() - t0
+            if _crossed(nimg, cfg.batch_size, cfg.snapshot_nimg) and _snapshot_due(
+                writer, world, console, nimg, cfg.ema_stds
+            ):
                 t0 = time.perf_counter()
-                ema.update(float(nimg))
-                window["ema_s"] += time.perf_counter() - t0
-                # After a resume, snapshots written before the crash are already there.
-                if _crossed(nimg, cfg.batch_size, cfg.snapshot_nimg) and not all(
-                    writer.store.exists(snapshot_name(nimg, s)) for s in cfg.ema_stds
-                ):
-                    t0 = time.perf_counter()
-                    writer.save(ema, step=step)
-                    window["snap_s"] += time.perf_counter() - t0
+                writer.save(ema, step=step)
+                window["snap_s"] += time.perf_counter() - t0
             if _crossed(nimg, cfg.batch_size, cfg.checkpoint_nimg) or nimg >= end:
                 _checkpoint(
-                    settings.outdir, world, net, optimizer, ema, nimg, step, elapsed, expect
+                    settings.outdir, world, net, optimizer, ema, nimg, step, elapsed, expect, fsdp
                 )
             if _crossed(nimg, cfg.batch_size, cfg.status_nimg) or nimg >= end:
                 elapsed = _status(world, console, stats_path, window, nimg, step, lr, elapsed)
     finally:
-        if writer is not None:
-            writer.close()
+        writer.close()
     world.barrier()
-    return TrainResult(nimg, losses, list(writer.written) if writer else [], net)
+    return TrainResult(nimg, losses, list(writer.written), net)
+
+
+def _shard(net: Precond, world: World) -> list[nn.Parameter]:
+    """FSDP2: shard every :class:`Block`, then the rest at the root; the params left replicated.
+
+    ``fully_shard`` cannot shard 0-d parameters (the gains): they stay plain tensors on every
+    rank, and the loop averages their gradients itself (:func:`_average_grads`). Forced
+    weight normalisation moves out of the forward, which sees gathered copies of the
+    weights, to :func:`_before_sharded_forward`, which rewrites the shards.
+    """
+    replicated = [p for p in net.parameters() if p.ndim == 0]
+    # The root returns the log-variance as a view; edm2_loss never changes it in place.
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \(FSDPPrecond\) returned a view tensor"
+    )
+    for m in net.modules():
+        if isinstance(m, MPConv):
+            m.normalize_in_forward = False
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    ignored = set(replicated)
+    for block in [m for m in net.modules() if isinstance(m, Block)]:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(net, mesh=mesh, ignored_params=ignored)
+    return replicated
+
+
+def _before_sharded_forward(net: Precond, *, sync: bool) -> None:
+    """FSDP2, before each forward: gradient sync on or off, forced weight normalisation."""
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()  # so that the shards, not gathered copies, are registered (a no-op)
+    cast(FSDPModule, net).set_requires_gradient_sync(sync)
+    normalize_weights_(net)
+
+
+def _average_grads(params: list[nn.Parameter], world: World) -> None:
+    """Average the gradients of replicated parameters over ranks, as DDP does (divide, sum)."""
+    flat = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+    flat.div_(world.size)
+    dist.all_reduce(flat)
+    for p, value in zip(params, flat.unbind(), strict=True):
+        p.grad = value.clone()
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t`` (a view of a DTensor's shard), or ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _snapshot_due(
+    writer: SnapshotWriter,
+    world: World,
+    console: Console,
+    nimg: int,
+    stds: tuple[float, ...],
+) -> bool:
+    """Whether to write the snapshots at ``nimg``: not the ones a resumed run finds written.
+
+    One process rewrites a partly written set (the store accepts a file that exists with the
+    same bytes). With several, rank 0 looks and every rank follows it, since a sharded
+    snapshot is written by every rank or none, and never twice: a set that a crash left
+    incomplete is skipped, with a warning naming the missing profiles.
+    """
+    names = [snapshot_name(nimg, s) for s in stds]
+    if world.size == 1:
+        return not all(writer.store.exists(n) for n in names)
+    found = [n for n in names if writer.store.exists(n)] if world.is_main else []
+    have = world.from_main(len(found))
+    if 0 < have < len(names) and world.is_main:
+        missing = ", ".join(n for n in names if n not in found)
+        console.print(
+            f"warning: snapshots at {nimg} images were partly written before a crash; "
+            f"{missing} will be missing (a sharded snapshot is never written twice)",
+            highlight=False,
+        )
+    return have == 0
+
+
+def _parts(net: Precond, optimizer: torch.optim.Optimizer, ema: PowerFunctionEMA) -> dict[str, Any]:
+    """The states a multi-process checkpoint saves with DCP (sharded or replicated tensors)."""
+    return {
+        "net": get_model_state_dict(net),
+        "optimizer": get_optimizer_state_dict(net, optimizer),
+        "ema": ema.state_dict(),
+    }
+
+
+def _restore(
+    path: str,
+    state: dict[str, Any],
+    net: Precond,
+    optimizer: torch.optim.Optimizer,
+    ema: PowerFunctionEMA,
+    fsdp: bool,
+) -> None:
+    """Load the checkpoint ``path`` (content ``state``) into this run, whatever wrote it.
+
+    DCP parts reshard onto any number of processes; a one-process file loads into DDP as
+    is (the partitioned EMA takes each rank's rows) and into FSDP2 as a full state.
+    """
+    if "sharded" in state:
+        parts = _parts(net, optimizer, ema)
+        load_sharded_parts(path, state, parts)
+        set_model_state_dict(net, parts["net"])
+        set_optimizer_state_dict(net, optimizer, parts["optimizer"])
+        ema.load_state_dict(parts["ema"])
+    elif fsdp:
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(net, state["net"], options=full)
+        osd = _by_name(net, state["optimizer"])
+        set_optimizer_state_dict(net, optimizer, osd, options=full)
+        ema.load_state_dict(state["ema"])
+    else:
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+
+
+def _by_name(net: Precond, osd: dict[str, Any]) -> dict[str, Any]:
+    """A ``optimizer.state_dict()`` of ``net.parameters()`` keyed by parameter name (as DCP's)."""
+    names = [n for n, _ in net.named_parameters()]
+    return {
+        "state": {names[int(i)]: s for i, s in osd["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]
+        ],
+    }
 
 
 def _checkpoint(
@@ -270,13 +436,14 @@ def _checkpoint(
     world: World,
     net: Precond,
     optimizer: torch.optim.Optimizer,
-    ema: PowerFunctionEMA | None,
+    ema: PowerFunctionEMA,
     nimg: int,
     step: int,
     elapsed: float,
     expect: dict[str, Any],
+    fsdp: bool,
 ) -> None:
-    if world.is_main and ema is not None:
+    if world.size == 1:
         state = {
             "net": net.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -287,7 +454,16 @@ def _checkpoint(
             "settings": expect,
         }
         save_checkpoint(outdir, nimg, state)
-    world.barrier()
+        return
+    meta = {
+        "nimg": nimg,
+        "step": step,
+        "elapsed": elapsed,
+        "settings": expect,
+        "world_size": world.size,
+        "fsdp": fsdp,
+    }
+    save_sharded_checkpoint(outdir, nimg, meta, _parts(net, optimizer, ema))
 
 
 def _status(
@@ -370,6 +546,11 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
     p.add_argument("--device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--stop-at", type=_images, help="end this invocation at this image count")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the network with FSDP2 instead of DDP (under torchrun with several processes)",
+    )
     a = p.parse_args(argv)
     return TrainSettings(
         preset=a.preset,
@@ -392,6 +573,7 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
         device=a.device,
         precision=a.precision,
         stop_at=a.stop_at,
+        fsdp=a.fsdp,
     )
 
 
