@@ -131,6 +131,21 @@ def time_updates(cases: dict[str, Callable[[], None]], repeats: int) -> dict[str
     return {n: sig(1e3 * statistics.median(s)) for n, s in samples.items()}
 
 
+def time_alone(step: Callable[[], None], repeats: int, rank: int, size: int) -> float:
+    """Median ms of this rank's calls while every other rank waits (no shared bandwidth)."""
+    samples: list[float] = []
+    for turn in range(size):
+        dist.barrier()
+        if turn == rank:
+            for i in range(repeats + 1):  # call 0 is a warm-up
+                start = time.perf_counter()
+                step()
+                if i:
+                    samples.append(time.perf_counter() - start)
+    dist.barrier()
+    return sig(1e3 * statistics.median(samples))
+
+
 def writer_run(ema: phema.PowerFunctionEMA | None) -> Run:
     """``SnapshotWriter(folder, fp16).save(ema)`` then ``close()``; nothing where ``ema`` is None."""
 
@@ -227,6 +242,8 @@ def worker(args: argparse.Namespace) -> None:
     updates: dict[str, Callable[[], None]] = {n: Stepper(e) for n, e in emas.items()}
     updates.update(unsharded_rank0=unsharded_rank0, gather_then_update=gather_then_update)
     update_ms = time_updates(updates, args.repeats)
+    size = dist.get_world_size()
+    alone = {n: time_alone(updates[n], args.repeats, rank, size) for n in emas}
     snapshots: dict[str, tuple[Run, bool]] = {
         n: (writer_run(e), e.sharded) for n, e in emas.items()
     }
@@ -242,6 +259,7 @@ def worker(args: argparse.Namespace) -> None:
         "allocated_bytes": {n: a for n, (_, a) in sizes.items()},
         "unsharded_bytes": shadow_bytes(full)[0] if full is not None else None,
         "update_ms": update_ms,
+        "update_alone_ms": alone,
         "snapshots": time_snapshots(snapshots, f"{args.worker}/snap", args.snapshot_repeats, rank),
     }
     Path(args.worker, f"rank{rank}.json").write_text(json.dumps(record))
@@ -290,6 +308,10 @@ def report(n: int, ranks: list[dict[str, Any]], verdicts: dict[str, dict[str, bo
              unsharded_rank0_ms=unsharded, ratio_vs_unsharded=sig(ratio, 4),
              target_ratio=sig(UPDATE_FACTOR / n, 4), meets=ok, gather_then_update_ms=gathered,
              ratio_vs_gather_then_update=sig(max(ms[kind]) / gathered, 4))  # fmt: skip
+    for kind in SHARDED:  # each rank alone: its own work, without sharing memory bandwidth
+        solo = [r["update_alone_ms"][kind] for r in ranks]
+        emit(BENCH, f"update_{kind}_alone", nprocs=n, ms=max(solo), ms_per_rank=solo,
+             ratio_vs_unsharded=sig(max(solo) / unsharded, 4), ideal_ratio=sig(1 / n, 4))  # fmt: skip
     snap = {c: [r["snapshots"][c] for r in ranks] for c in SNAPSHOTS}
     peak = {c: max(s["peak_bytes"] for s in snap[c]) for c in SNAPSHOTS}
     write = {c: max(s["write_ms"] for s in snap[c]) for c in SNAPSHOTS}
