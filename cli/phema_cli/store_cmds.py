@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Annotated
@@ -262,17 +263,19 @@ def _reconstruct(
     rank = int(os.environ.get("RANK", "0")) if parallel else 0
     src = SnapshotStore(url)
     the_plan = plan(src, stds, at=at)
+    run = functools.partial(
+        write_plan,
+        the_plan,
+        src,
+        out,
+        overwrite=overwrite,
+        window_bytes=int(window_mb * (1 << 20)),
+        max_inflight=inflight,
+        threads=threads or None,
+        parallel=parallel,
+    )
     if rank != 0:  # every rank reads its share; rank 0 reports
-        write_plan(
-            the_plan,
-            src,
-            out,
-            overwrite=overwrite,
-            window_bytes=int(window_mb * (1 << 20)),
-            max_inflight=inflight,
-            threads=threads or None,
-            parallel=True,
-        )
+        run()
         return
     columns = (
         TextColumn("reading"),
@@ -284,17 +287,7 @@ def _reconstruct(
     with Progress(*columns, console=err_console, transient=False) as bar:
         total = None if parallel else the_plan.bytes_to_read  # this rank reads ~1/N of it
         task = bar.add_task("read", total=total)
-        results = write_plan(
-            the_plan,
-            src,
-            out,
-            overwrite=overwrite,
-            window_bytes=int(window_mb * (1 << 20)),
-            max_inflight=inflight,
-            threads=threads or None,
-            progress=lambda n: bar.advance(task, n),
-            parallel=parallel,
-        )
+        results = run(progress=lambda n: bar.advance(task, n))
     for s, res in zip(stds, results, strict=True):
         if as_json:
             typer.echo(
