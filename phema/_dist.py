@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_json", "broadcast_text", "gather_json", "world"]
+__all__ = ["all_gather_json", "broadcast_text", "cpu_group", "gather_json", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -21,6 +21,14 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def cpu_group() -> Any:
+    """A group of every rank that takes CPU tensors: the default one if it is gloo, else a
+    new gloo group (a collective: every rank must call it, in the same order)."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def all_gather_json(obj: Any, group: Any = None) -> list[Any]:

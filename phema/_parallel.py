@@ -27,7 +27,7 @@ import os
 import uuid
 from collections.abc import Callable
 
-from phema._dist import all_gather_json, broadcast_text, world
+from phema._dist import all_gather_json, broadcast_text, cpu_group, world
 from phema._stream import Reader, Window, stream
 from phema.errors import ExistsError, StorageError
 from phema.reconstruct import Job, _OutputFiles
@@ -71,7 +71,8 @@ def write_parallel(
 ) -> None:
     """This rank's share of the pass, then (rank 0) the outputs; every rank must call it."""
     rank, size = world()
-    prints = all_gather_json(_fingerprint(job, inputs or []))
+    group = cpu_group()  # the job's default group may be NCCL; these messages are CPU bytes
+    prints = all_gather_json(_fingerprint(job, inputs or []), group)
     if len(set(prints)) > 1:
         raise StorageError(
             "the ranks planned different reconstructions (the store changed while they "
@@ -83,7 +84,7 @@ def write_parallel(
                 raise ExistsError(
                     f"{out.url}/{name} exists; pass overwrite=True (--overwrite) to replace it"
                 )
-    token = broadcast_text(uuid.uuid4().hex[:12], 12)
+    token = broadcast_text(uuid.uuid4().hex[:12], 12, group)
     parts = [
         [f"shards/{n.removesuffix(SUFFIX)}/{token}-{r:05d}.part" for r in range(size)]
         for n in job.names
@@ -91,12 +92,12 @@ def write_parallel(
     error = _write_part(
         job, read, out, [p[rank] for p in parts], rank, size, max_inflight, progress
     )
-    errors = [e for e in all_gather_json(error) if e]
+    errors = [e for e in all_gather_json(error, group) if e]
     final = ""
     if rank == 0:
         final = "; ".join(errors) if errors else _join(job, out, parts, overwrite, size)
         _remove(out, [n for p in parts for n in p])
-    final = str(all_gather_json(final)[0])
+    final = str(all_gather_json(final, group)[0])
     if final:
         raise StorageError(
             f"parallel reconstruction into {out.url} failed, nothing was published: {final}"

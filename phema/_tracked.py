@@ -83,6 +83,7 @@ class Piece:
     writes: bool
     mesh: Any = None  # DeviceMesh of a DTensor / partitioned piece
     placements: tuple[Any, ...] = ()
+    _rows: tuple[int, Tensor] | None = None  # (storage pointer, view) of a partitioned piece
 
     @property
     def row(self) -> int:
@@ -109,8 +110,12 @@ class Piece:
         if self.kind == "dtensor":
             local = getattr(self.obj, "_local_tensor", None)
             return local if isinstance(local, Tensor) else self.obj.to_local()  # type: ignore[attr-defined]
-        data = self.obj.detach()
-        return data if self.kind == "full" else data[self.r0 : self.r1]
+        if self.kind == "full":
+            return self.obj.detach()
+        ptr = self.obj.data_ptr()  # the view is made again only when the storage moved
+        if self._rows is None or self._rows[0] != ptr:
+            self._rows = (ptr, self.obj.detach()[self.r0 : self.r1])
+        return self._rows[1]
 
 
 def make_piece(name: str, obj: Tensor, partition_mesh: Any = None) -> Piece:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Literal
@@ -100,7 +101,11 @@ def plan(
     at: float | None = None,
     constraint: Literal["rescale", "exact"] = "rescale",
 ) -> Plan:
-    """List the store, check layouts, and solve for the coefficients of each std at ``at``."""
+    """List the store, check layouts, solve for the coefficients of each std at ``at``.
+
+    The shards of every sharded snapshot the plan uses are checked (their headers read,
+    several at once) and pinned, so a missing or foreign shard fails here, named.
+    """
     infos = store.list()
     if not infos:
         raise StorageError(f"{store.url} holds no snapshots")
@@ -111,8 +116,10 @@ def plan(
         [i.t for i in infos], [i.std for i in infos], targets, constraint=constraint
     )
     used = [r for r in range(len(infos)) if any(solution.weights[r] != 0.0)]
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="phema-verify") as pool:
+        inputs = list(pool.map(lambda r: verify_shards(store, infos[r]), used))  # shard headers
     return Plan(
-        [verify_shards(store, infos[r]) for r in used],
+        inputs,
         [[float(w) for w in solution.weights[r]] for r in used],
         solution.fits,
         t,
