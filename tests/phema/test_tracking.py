@@ -388,6 +388,7 @@ def test_an_unchanged_module_is_not_sharded_and_passes_the_check():
     ema.update(1.0)
     ema.check_tracking()
     assert not ema.sharded
+    assert not PowerFunctionEMA(net, stds=(0.1,), partition=True).sharded  # one process
     assert all(p.kind == "full" and p.begin == 0 and p.end == p.obj.numel() for p in ema.pieces)
 
 
