@@ -254,21 +254,22 @@ def remote(out: str, rank: int, size: int) -> dict[str, object]:
 
 
 def parallel_reconstruct(out: str, rank: int, size: int) -> dict[str, object]:
-    """``reconstruct(parallel=True)`` of ``$PHEMA_SRC`` into ``<out>/parallel``; bytes read."""
+    """``reconstruct(parallel=True)`` of ``$PHEMA_SRC`` into ``$PHEMA_OUT`` (default
+    ``<out>/parallel``); the bytes this rank read."""
     from phema.reconstruct import reconstruct
 
     got: list[int] = []
     made = reconstruct(
         os.environ["PHEMA_SRC"],
         [0.07, 0.09],
-        f"{out}/parallel",
+        os.environ.get("PHEMA_OUT", f"{out}/parallel"),
         window_bytes=64,
         max_inflight=3,
         threads=1,
         progress=got.append,
         parallel=True,
     )
-    return {"bytes_read": sum(got), "reads": len(got), "paths": [m.path for m in made]}
+    return {"bytes_read": sum(got), "reads": len(got), "urls": [m.url for m in made]}
 
 
 def main() -> None:

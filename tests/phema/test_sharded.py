@@ -231,7 +231,7 @@ def test_reconstruction_by_n_processes_equals_one_and_splits_the_reads(trained, 
     torchrun("reconstruct", tmp_path, n, env={"PHEMA_SRC": src})
     res = results(tmp_path, "reconstruct", n)
     for j, ref in enumerate(one):  # the same files, byte for byte
-        assert Path(res[0]["paths"][j]).read_bytes() == Path(ref.path).read_bytes()
+        assert Path(res[0]["urls"][j]).read_bytes() == Path(ref.path).read_bytes()
     plan_bytes = sum(i.header.data_bytes for i in SnapshotStore(src).list())
     read = [r["bytes_read"] for r in res]
     assert sum(read) == plan_bytes  # every byte once, over all ranks
@@ -271,3 +271,18 @@ def test_phema_reconstruct_under_torchrun(trained, tmp_path):
     assert len(rows) == 1  # rank 0 reports
     single = reconstruct(str(out / "plain"), [0.08], str(tmp_path / "single"), threads=1)
     assert Path(rows[0]["url"]).read_bytes() == Path(single[0].path).read_bytes()
+
+
+@pytest.mark.slow
+def test_reconstruction_by_2_processes_into_s3(trained, s3_bucket, s3_endpoint, tmp_path):
+    n, out, _ = trained
+    src = str(out / "fsdp")
+    one = reconstruct(src, [0.07, 0.09], str(tmp_path / "one"), window_bytes=64, threads=1)
+    url = f"{s3_bucket}/ema"
+    env = {"PHEMA_SRC": src, "PHEMA_OUT": url, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}
+    torchrun("reconstruct", tmp_path, n, env=env)
+    store = SnapshotStore(url)
+    assert store.fs.find(store.root) == sorted(store.path_of(Path(r.path).name) for r in one)
+    for ref in one:  # the same bytes; the parts are gone
+        name = Path(ref.path).name
+        assert store.fs.cat_file(store.path_of(name)) == Path(ref.path).read_bytes()
