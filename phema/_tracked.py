@@ -226,6 +226,7 @@ def as_dtensor(piece: Piece, local: Tensor, lead: tuple[int, ...] = ()) -> Tenso
 
     shape = (*lead, *piece.shape)
     stride = torch.empty(0).new_empty(shape, device="meta").stride()
+    local = local.to(piece.obj.device)  # host shadows (offload) meet the mesh's device
     return DTensor.from_local(
         local,
         piece.mesh,

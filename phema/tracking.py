@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from phema._dist import world
 from phema._ema_state import STATE_FORMAT, STATE_VERSION, check_header, check_names, local_rows
+from phema._offload import OffloadedShadows
 from phema._shadow import FusedShadows
 from phema._tracked import (
     Piece,
@@ -104,8 +105,11 @@ class PowerFunctionEMA:
             :meth:`copy_module`, :meth:`snapshot`) is a collective that every rank
             must call. Off by default: an EMA made on one rank only would silently
             track a fraction of the model.
-        device: Where the shadows live (``"cpu"`` keeps them in host memory while
-            the model trains on an accelerator); default: each parameter's device.
+        device: Where the shadows live; default: each parameter's device. ``"cpu"``
+            with the model on an accelerator keeps them in host memory and updates them
+            off the training thread (:mod:`phema._offload`): the parameters are copied
+            to pinned buffers on a side stream and a background thread applies the
+            lerp; the next update and every read wait for it.
 
     Sharded parameters (DTensors, as FSDP2 makes them) are tracked shard by shard on
     each rank with no collective in :meth:`update`; profiles and states come back as
@@ -165,7 +169,13 @@ class PowerFunctionEMA:
         self._has_dtensors = any(p.kind == "dtensor" for p in self._pieces)
         self._index_of = {id(t): i for i, (_, t) in enumerate(named)}
         where = torch.device(device) if device is not None else None
-        self._shadows = FusedShadows(self._sources(), len(std_list), dtype, device=where)
+        sources = self._sources()
+        self._shadows: FusedShadows | OffloadedShadows
+        if where is not None and _elsewhere(sources, where):
+            self._shadows = OffloadedShadows(sources, len(std_list), dtype, where)
+        else:
+            self._shadows = FusedShadows(sources, len(std_list), dtype, device=where)
+        self._offloaded = isinstance(self._shadows, OffloadedShadows)
         self._t = 0.0
         self._num_updates = 0
 
@@ -251,7 +261,7 @@ class PowerFunctionEMA:
                 "pass the training time after each step (e.g. images seen)"
             )
         self.check_tracking()
-        sources = None if self._full else self._sources()
+        sources = None if self._full and not self._offloaded else self._sources()
         if self._t == 0.0:
             self._shadows.copy_from_sources(sources)
         else:
@@ -482,3 +492,8 @@ class PowerFunctionEMA:
             f"PowerFunctionEMA(stds={self._stds}, tensors={len(self._names)}, "
             f"t={self._t:g}, updates={self._num_updates}, buffers={self.buffer_policy!r})"
         )
+
+
+def _elsewhere(sources: Sequence[Tensor], device: torch.device) -> bool:
+    """Whether some tracked tensor lives on another device than the shadows (offload)."""
+    return any(s.device.type != device.type for s in sources)
