@@ -62,11 +62,15 @@ class Backend:
 
     def __init__(self, fs: Any, url: str) -> None:
         self.fs, self.url = fs, url.rstrip("/")
+        self.root = ""  # the store's folder as the filesystem names it (set by the store)
 
     # -- names -----------------------------------------------------------------------
     def where(self, path: str) -> str:
-        """``path`` as the user's URL, for messages."""
-        return f"{self.url}/{path.rstrip('/').rsplit('/', 1)[-1]}"
+        """``path`` as the user's URL (``shards/...`` kept), for messages."""
+        path = path.rstrip("/")
+        root = self.root.rstrip("/")
+        rel = path[len(root) + 1 :] if root and path.startswith(root + "/") else None
+        return f"{self.url}/{rel or path.rsplit('/', 1)[-1]}"
 
     def exists_error(self, staged: Staged) -> ExistsError:
         return ExistsError(

@@ -53,7 +53,8 @@ def local_rows(name: str, value: Tensor, piece: Piece, k: int, dtype: torch.dtyp
             )
         local: Tensor = saved.to_local()
     else:
-        local = value if piece.kind == "full" else value[:, piece.r0 : piece.r1]
+        whole = piece.kind == "full" or not piece.shape  # a 0-d tensor is held whole
+        local = value if whole else value[:, piece.r0 : piece.r1]
     got, want = tuple(value.shape), (k, *piece.shape)
     if got != want or value.dtype != dtype or tuple(local.shape) != (k, *piece.local_shape):
         raise StateError(f"saved shadow {name!r} is {value.dtype} {got}, expected {dtype} {want}")

@@ -25,15 +25,26 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch.distributed as dist
 
 from phema._dist import all_gather_json, broadcast_text, cpu_group, world
 from phema._stream import Reader, Window, stream
 from phema.errors import ExistsError, StorageError
-from phema.reconstruct import Job, _OutputFiles
-from phema.store import SUFFIX, SnapshotStore
+from phema.reconstruct import Job, Reconstruction, _OutputFiles
+from phema.store import SUFFIX, SnapshotInfo, SnapshotStore
 
-__all__ = ["my_windows", "part_bytes", "write_parallel"]
+__all__ = [
+    "check_all",
+    "my_windows",
+    "parallel_plan",
+    "part_bytes",
+    "run_parallel",
+    "write_parallel",
+]
 
 #: Bytes of a part copied at a time by rank 0 when it joins the outputs.
 JOIN_CHUNK = 8 << 20
@@ -60,6 +71,76 @@ def _fingerprint(job: Job, inputs: list[tuple[str, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+T = TypeVar("T")
+
+
+@contextmanager
+def _cpu_group() -> Iterator[Any]:
+    """A gloo group for this pass (the default group if it is gloo), released after."""
+    group = cpu_group()
+    try:
+        yield group
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+
+
+def parallel_plan(make: Callable[[], T]) -> T:
+    """``make()`` (the plan) on every rank; if any rank fails, every rank raises."""
+    with _cpu_group() as group:
+        failure: BaseException | None = None
+        result: T | None = None
+        try:
+            result = make()
+        except Exception as exc:
+            failure = exc
+        check_all(failure, group)
+    assert result is not None
+    return result
+
+
+def run_parallel(
+    setup: Callable[[], tuple[SnapshotStore, Job]],
+    read: Reader,
+    overwrite: bool,
+    max_inflight: int,
+    progress: Callable[[int], None] | None,
+    inputs: Sequence[SnapshotInfo],
+) -> list[Reconstruction]:
+    """Open the output store and prepare the pass on every rank (failures shared), then
+    :func:`write_parallel`; the outputs' descriptions, on every rank."""
+    with _cpu_group() as group:
+        failure: BaseException | None = None
+        try:
+            out, job = setup()
+        except Exception as exc:
+            failure = exc
+        check_all(failure, group)
+        listed = [(i.url, i.identity) for i in inputs]
+        write_parallel(job, read, out, overwrite, max_inflight, progress, listed, group)
+    return job.results
+
+
+def check_all(failure: BaseException | None, group: Any) -> None:
+    """Every rank learns whether any rank failed a step; if one did, every rank raises.
+
+    A rank raises its own error (with the others' noted); a rank that did not fail
+    raises a :class:`StorageError` naming the ranks that did. No rank is left waiting
+    in a later collective for one that gave up.
+    """
+    rank = world()[0]
+    mine = f"rank {rank}: {type(failure).__name__}: {failure}" if failure is not None else ""
+    errors = [e for e in all_gather_json(mine, group) if e]
+    if not errors:
+        return
+    if failure is not None:
+        others = [e for e in errors if e != mine]
+        if others:
+            failure.add_note("also: " + "; ".join(others))
+        raise failure
+    raise StorageError(f"parallel reconstruction stopped: {'; '.join(errors)}")
+
+
 def write_parallel(
     job: Job,
     read: Reader,
@@ -67,23 +148,25 @@ def write_parallel(
     overwrite: bool,
     max_inflight: int,
     progress: Callable[[int], None] | None,
-    inputs: list[tuple[str, str]] | None = None,
+    inputs: list[tuple[str, str]],
+    group: Any,
 ) -> None:
     """This rank's share of the pass, then (rank 0) the outputs; every rank must call it."""
     rank, size = world()
-    group = cpu_group()  # the job's default group may be NCCL; these messages are CPU bytes
-    prints = all_gather_json(_fingerprint(job, inputs or []), group)
+    prints = all_gather_json(_fingerprint(job, inputs), group)
     if len(set(prints)) > 1:
         raise StorageError(
             "the ranks planned different reconstructions (the store changed while they "
             "listed it, or they were given other options); run again"
         )
-    if not overwrite:
-        for name in job.names:  # the same answer on every rank; publish checks again
-            if out.exists(name):
-                raise ExistsError(
-                    f"{out.url}/{name} exists; pass overwrite=True (--overwrite) to replace it"
-                )
+    failure: BaseException | None = None
+    if rank == 0 and not overwrite:  # rank 0 decides for all; publish checks again
+        taken = [n for n in job.names if out.exists(n)]
+        if taken:
+            failure = ExistsError(
+                f"{out.url}/{taken[0]} exists; pass overwrite=True (--overwrite) to replace it"
+            )
+    check_all(failure, group)
     token = broadcast_text(uuid.uuid4().hex[:12], 12, group)
     parts = [
         [f"shards/{n.removesuffix(SUFFIX)}/{token}-{r:05d}.part" for r in range(size)]
@@ -130,7 +213,8 @@ def _write_part(
     backend = out.backend
     staged = []
     try:
-        staged = [backend.stage(n, out.path_of(n), False) for n in names]
+        for n in names:  # one at a time, so that a failure discards the ones made
+            staged.append(backend.stage(n, out.path_of(n), False))  # noqa: PERF401
         mine = my_windows(job.windows, rank, size)
         files = [s.file for s in staged]
         stream(

@@ -107,7 +107,15 @@ class ShardedWrites:
                 f"sharded snapshot {store.url}/{name} was not published: {'; '.join(errors)}"
             )
         manifest = encode_manifest(job.specs, meta, job.snapshot_id, written)
-        return store.write(name, manifest)
+        path = store.write(name, manifest)
+        store.flush()  # a Hub store commits it now, under this snapshot's name
+        return path
+
+    def close(self) -> None:
+        """Release the writer's process group (every rank, when its writer closes)."""
+        if self.group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+        self.group = None
 
     @staticmethod
     def _remove(store: SnapshotStore, names: list[str]) -> None:

@@ -171,7 +171,12 @@ def reconstruct(
     """
     _check_options(window_bytes, max_inflight, threads, dtype)  # before any listing
     src_store = src if isinstance(src, SnapshotStore) else SnapshotStore(src)
-    the_plan = plan(src_store, stds, at=at, constraint=constraint)
+    if parallel:  # a rank that cannot plan must not leave the others waiting
+        from phema._parallel import parallel_plan
+
+        the_plan = parallel_plan(lambda: plan(src_store, stds, at=at, constraint=constraint))
+    else:
+        the_plan = plan(src_store, stds, at=at, constraint=constraint)
     return write_plan(
         the_plan,
         src_store,
@@ -207,20 +212,22 @@ def write_plan(
     (:mod:`phema._parallel`).
     """
     _check_options(window_bytes, max_inflight, threads, dtype)
-    out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
-    job = prepare(the_plan, out_store, dtype, window_bytes)
     inputs = the_plan.inputs
 
     def read(r: int, offset: int, buf: memoryview) -> None:
         read_logical(src, inputs[r], offset, buf)
 
     if parallel:
-        from phema._parallel import write_parallel
+        from phema._parallel import run_parallel
 
-        listed = [(i.url, i.identity) for i in inputs]
+        def setup() -> tuple[SnapshotStore, Job]:
+            store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
+            return store, prepare(the_plan, store, dtype, window_bytes)
+
         with _torch_threads(threads):
-            write_parallel(job, read, out_store, overwrite, max_inflight, progress, listed)
-        return job.results
+            return run_parallel(setup, read, overwrite, max_inflight, progress, inputs)
+    out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
+    job = prepare(the_plan, out_store, dtype, window_bytes)
     with _OutputFiles(out_store, job.names, overwrite) as files, _torch_threads(threads):
         for f, head in zip(files, job.headers, strict=True):
             f.write(head)

@@ -245,6 +245,7 @@ class SnapshotStore:
             self.backend = HubBackend(self.fs, url, self.hub)
         else:
             self.backend = backend_for(self.fs, url)
+        self.backend.root = self.root
 
     def path_of(self, name: str) -> str:
         """Path of file ``name`` inside the store, for the store's filesystem."""

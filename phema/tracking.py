@@ -355,6 +355,14 @@ class PowerFunctionEMA:
                 pieces.append((key, piece.begin, piece.end, values))
         return ShardState(specs, pieces, tuple(copied))
 
+    def copied_keys(self) -> tuple[str, ...]:
+        """State-dict keys a profile takes from the live module (not averaged).
+
+        Decided by identity, so a tied parameter's second name is averaged too.
+        """
+        live = self.module.state_dict(keep_vars=True)
+        return tuple(k for k, v in live.items() if id(v) not in self._index_of)
+
     def _refuse_untracked(self, key: str, value: Tensor) -> None:
         if isinstance(value, nn.Parameter) or (
             self.buffer_policy == "average" and value.is_floating_point()

@@ -13,7 +13,8 @@ connection, a file that exists with other bytes) is raised by the next
 concerns, and never stops the snapshots queued before or after it. ``save`` queues
 its own snapshot before it raises, so a loop that catches the error loses nothing
 else. A snapshot that already exists with the same bytes is accepted (a run resumed
-after a crash writes it again). Under ``torch.distributed`` only rank 0 writes an
+after a crash writes it again); a sharded one that exists is refused (its shards
+carry a per-write id, so it is never rewritten: skip it on resume). Under ``torch.distributed`` only rank 0 writes an
 unsharded EMA's snapshots; other ranks return at once.
 
 A sharded EMA (FSDP2, or ``partition=True``) is written without any gather: every
@@ -105,11 +106,10 @@ class SnapshotWriter:
         if ema.sharded and dist.is_available() and dist.is_initialized():
             self._queue.put(self._shard_jobs(ema, step))
         elif self.active:
-            averaged = set(ema.names)
+            copied = ema.copied_keys()  # by identity: tied parameters are averaged
             jobs: list[_Job | ShardedJob] = []
             for std, gamma in zip(ema.stds, ema.gammas, strict=True):
                 state = ema.profile_state_dict(std, dtype=self.dtype)  # cast as copied
-                copied = tuple(n for n in state if n not in averaged)
                 jobs.append((state, ema.t, std, gamma, copied, step))
             self._queue.put(jobs)
         self._raise_failures()
@@ -199,6 +199,8 @@ class SnapshotWriter:
             if self.active:
                 self._queue.put(None)
                 self._thread.join()
+            if self._sharded is not None:
+                self._sharded.close()
         self._raise_failures()
 
     def __enter__(self) -> SnapshotWriter:

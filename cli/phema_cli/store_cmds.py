@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from phema._parallel import parallel_plan
 from phema.reconstruct import WINDOW_BYTES, plan, write_plan
 from phema.store import SnapshotStore, check_layouts
 from phema_cli.plot import save_plan_plot
@@ -262,7 +263,8 @@ def _reconstruct(
 ) -> None:
     rank = int(os.environ.get("RANK", "0")) if parallel else 0
     src = SnapshotStore(url)
-    the_plan = plan(src, stds, at=at)
+    make = functools.partial(plan, src, stds, at=at)
+    the_plan = parallel_plan(make) if parallel else make()  # one rank failing stops all
     run = functools.partial(
         write_plan,
         the_plan,

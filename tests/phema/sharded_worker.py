@@ -157,6 +157,7 @@ def train(out: str, rank: int, size: int) -> dict[str, object]:
         for s in STDS
     )
     res["unsharded_state_loads_into_partition"] = _unsharded_into_partition(ref, replicated)
+    res["zero_d_dtensor_loads_unsharded_state"] = _zero_d_dtensor()
     res.update(_staleness())
     return res
 
@@ -165,6 +166,22 @@ def _unsharded_into_partition(ref: PowerFunctionEMA, replicated: nn.Module) -> b
     other = PowerFunctionEMA(replicated, STDS, partition=True)
     other.load_state_dict(ref.state_dict())
     return all(same(other.profile(s), ref.profile(s)) for s in STDS)
+
+
+def _zero_d_dtensor() -> bool:
+    """A replicated 0-d DTensor parameter takes its value from an unsharded state."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    gain, plain = nn.Module(), nn.Module()
+    gain.g = nn.Parameter(distribute_tensor(torch.tensor(2.0), mesh, [Replicate()]))
+    plain.g = nn.Parameter(torch.tensor(2.0))
+    ema, ref = PowerFunctionEMA(gain, STDS), PowerFunctionEMA(plain, STDS)
+    for t in (1.0, 2.0):
+        ref.update(t)
+    ema.load_state_dict(ref.state_dict())
+    return all(torch.equal(ema.profile(s)["g"].full_tensor(), ref.profile(s)["g"]) for s in STDS)
 
 
 def _staleness() -> dict[str, object]:
@@ -259,8 +276,9 @@ def parallel_reconstruct(out: str, rank: int, size: int) -> dict[str, object]:
     from phema.reconstruct import reconstruct
 
     got: list[int] = []
+    src = os.environ.get(f"PHEMA_SRC_RANK{rank}", os.environ["PHEMA_SRC"])
     made = reconstruct(
-        os.environ["PHEMA_SRC"],
+        src,
         [0.07, 0.09],
         os.environ.get("PHEMA_OUT", f"{out}/parallel"),
         window_bytes=64,

@@ -38,7 +38,13 @@ def _make() -> torch.nn.Module:
 
 
 def torchrun(
-    mode: str, out: Path, n: int, *, check: bool = True, env: dict[str, str] | None = None
+    mode: str,
+    out: Path,
+    n: int,
+    *,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("torchrun")
     cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
@@ -47,7 +53,7 @@ def torchrun(
         [*cmd, "--standalone", f"--nproc_per_node={n}", str(WORKER), mode, str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=full_env,
         check=False,
     )
@@ -83,6 +89,7 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         "partition_swapped_holds_profile",
         "dcp_resume_same_size_bitwise",
         "unsharded_state_loads_into_partition",
+        "zero_d_dtensor_loads_unsharded_state",
     ],
 )
 def test_every_rank_agrees_with_the_unsharded_ema(trained, key):
@@ -286,3 +293,15 @@ def test_reconstruction_by_2_processes_into_s3(trained, s3_bucket, s3_endpoint, 
     for ref in one:  # the same bytes; the parts are gone
         name = Path(ref.path).name
         assert store.fs.cat_file(store.path_of(name)) == Path(ref.path).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_plan_stops_every_rank_at_once(trained, tmp_path):
+    n, out, _ = trained
+    env = {"PHEMA_SRC": str(out / "plain"), "PHEMA_SRC_RANK1": str(tmp_path / "missing")}
+    # Without the shared check the other ranks would wait in a collective for 30 minutes.
+    done = torchrun("reconstruct", tmp_path, n, env=env, check=False, timeout=120)
+    assert done.returncode != 0
+    assert "parallel reconstruction stopped: rank 1: StorageError" in done.stderr
+    assert "missing does not exist" in done.stderr
+    assert not (tmp_path / "parallel").exists()

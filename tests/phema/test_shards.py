@@ -99,3 +99,19 @@ def test_a_shard_whose_pieces_differ_from_the_manifest_is_named(tmp_path):
     second.write_bytes(a)
     with pytest.raises(StorageError, match=rf"{first.name} differs from what its manifest"):
         store.load(info)
+
+
+def test_messages_name_shards_by_their_path_in_the_store(tmp_path):
+    store = SnapshotStore(str(tmp_path))
+    name = "shards/phema-000000000010-0.1000/id0001-00001.safetensors"
+    assert store.backend.where(store.path_of(name)) == f"{tmp_path}/{name}"
+    _write(store, {"a": [0, 5, 12], "b": [0, 2, 5]})
+    (info,) = store.list()
+    from phema.reconstruct import plan, write_plan
+
+    the_plan = plan(store, [0.1])  # pins every shard's version
+    shard = tmp_path / the_plan.inputs[0].shards[1].name
+    shard.write_bytes(shard.read_bytes()[:-1])  # truncated after the plan
+    with pytest.raises(StorageError, match=r"shards/phema-000000000010-0\.1000/id0001-00001"):
+        write_plan(the_plan, store, str(tmp_path / "out"))
+    assert info.shards

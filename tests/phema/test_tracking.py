@@ -438,3 +438,19 @@ def test_both_shadow_layouts_match_the_oracle(layout, dtype):
             assert got.shape == sources[i].shape
             # fp32 shadows: one rounding (6e-8) per step on values of size ~5.
             torch.testing.assert_close(got.double(), ref[k][i], rtol=0, atol=1e-5)
+
+
+def test_a_tied_parameter_is_averaged_under_both_names(tmp_path):
+    from phema import SnapshotStore, SnapshotWriter
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    net[1].weight = net[0].weight  # tied: one Parameter, two state-dict keys
+    ema = PowerFunctionEMA(net, stds=(0.1,))
+    assert ema.names == ("0.weight",)
+    assert ema.copied_keys() == ()
+    ema.update(1.0)
+    with SnapshotWriter(str(tmp_path)) as writer:
+        writer.save(ema)
+    (info,) = SnapshotStore(str(tmp_path)).list()
+    assert info.copied == ()  # the alias is averaged, as a sharded snapshot records it
