@@ -34,7 +34,9 @@ import torch.distributed as dist
 from phema._dist import all_gather_json, broadcast_text, cpu_group, world
 from phema._stream import Reader, Window, stream
 from phema.errors import ExistsError, StorageError
+from phema.format import encode_header
 from phema.reconstruct import Job, Reconstruction, _OutputFiles
+from phema.shards import encode_manifest
 from phema.store import SUFFIX, SnapshotInfo, SnapshotStore
 
 __all__ = [
@@ -106,6 +108,7 @@ def run_parallel(
     max_inflight: int,
     progress: Callable[[int], None] | None,
     inputs: Sequence[SnapshotInfo],
+    sharded: bool = False,
 ) -> list[Reconstruction]:
     """Open the output store and prepare the pass on every rank (failures shared), then
     :func:`write_parallel`; the outputs' descriptions, on every rank."""
@@ -117,7 +120,7 @@ def run_parallel(
             failure = exc
         check_all(failure, group)
         listed = [(i.url, i.identity) for i in inputs]
-        write_parallel(job, read, out, overwrite, max_inflight, progress, listed, group)
+        write_parallel(job, read, out, overwrite, max_inflight, progress, listed, group, sharded)
     return job.results
 
 
@@ -150,8 +153,13 @@ def write_parallel(
     progress: Callable[[int], None] | None,
     inputs: list[tuple[str, str]],
     group: Any,
+    sharded: bool = False,
 ) -> None:
-    """This rank's share of the pass, then (rank 0) the outputs; every rank must call it."""
+    """This rank's share of the pass, then (rank 0) the outputs; every rank must call it.
+
+    With ``sharded`` each rank's parts are shard files of the outputs and rank 0
+    publishes one manifest per output instead of joining them (:mod:`phema.shards`).
+    """
     rank, size = world()
     prints = all_gather_json(_fingerprint(job, inputs), group)
     if len(set(prints)) > 1:
@@ -168,18 +176,31 @@ def write_parallel(
             )
     check_all(failure, group)
     token = broadcast_text(uuid.uuid4().hex[:12], 12, group)
+    ext = ".safetensors" if sharded else ".part"
     parts = [
-        [f"shards/{n.removesuffix(SUFFIX)}/{token}-{r:05d}.part" for r in range(size)]
-        for n in job.names
+        [f"shards/{n.removesuffix(SUFFIX)}/{token}{j}-{r:05d}{ext}" for r in range(size)]
+        for j, n in enumerate(job.names)
     ]
-    error = _write_part(
-        job, read, out, [p[rank] for p in parts], rank, size, max_inflight, progress
+    mine = my_windows(job.windows, rank, size)
+    heads = (
+        [_shard_head(job, mine, f"{token}{j}") for j in range(len(job.names))] if sharded else []
     )
-    errors = [e for e in all_gather_json(error, group) if e]
+    names = [p[rank] for p in parts] if mine else []  # a rank with no windows writes nothing
+    error = _write_part(job, read, out, names, mine, heads, max_inflight, progress)
+    answers = all_gather_json(
+        {"error": error and f"rank {rank}: {error}", "records": [r for _, r in heads]}, group
+    )
+    errors = [a["error"] for a in answers if a["error"]]
     final = ""
     if rank == 0:
-        final = "; ".join(errors) if errors else _join(job, out, parts, overwrite, size)
-        _remove(out, [n for p in parts for n in p])
+        if errors:
+            final = "; ".join(errors)
+        elif sharded:
+            final = _manifests(job, out, parts, [a["records"] for a in answers], token, overwrite)
+        else:
+            final = _join(job, out, parts, overwrite, size)
+        if errors or final or not sharded:  # parts joined or refused; shards of outputs stay
+            _remove(out, [n for p in parts for n in p])
     final = str(all_gather_json(final, group)[0])
     if final:
         raise StorageError(
@@ -199,31 +220,94 @@ def _remove(out: SnapshotStore, names: list[str]) -> None:
                     os.rmdir(empty)
 
 
+def _shard_head(job: Job, mine: list[Window], snapshot_id: str) -> tuple[bytes, dict[str, Any]]:
+    """Header of this rank's shard of one output and the record its manifest keeps.
+
+    The rank's windows cover input bytes ``[lo, hi)``; each tensor's part of that range
+    is a piece of whole elements (windows never split one), in the stream's order.
+    """
+    pieces: list[tuple[str, int, int]] = []
+    if mine:
+        lo, hi = mine[0].offset, mine[-1].offset + mine[-1].size
+        for ti in job.layout:
+            b, e = max(ti.begin, lo), min(ti.end, hi)
+            if b < e:
+                item = ti.dtype.itemsize
+                pieces.append((ti.name, (b - ti.begin) // item, (e - ti.begin) // item))
+    dtypes = {n: d for n, d, _ in job.specs}
+    meta = {
+        "phema.kind": "shard",
+        "phema.snapshot_id": snapshot_id,
+        "phema.pieces": json.dumps({n: [b, e] for n, b, e in pieces}, separators=(",", ":")),
+    }
+    specs = [(n, dtypes[n], (e - b,)) for n, b, e in pieces]
+    prefix, header = encode_header(specs, meta, keep_order=True)
+    record = {
+        "size": header.file_bytes,
+        "data_start": header.data_start,
+        "pieces": [[n, b, e, t.begin] for (n, b, e), t in zip(pieces, header.tensors, strict=True)],
+    }
+    return prefix, record
+
+
+def _manifests(
+    job: Job,
+    out: SnapshotStore,
+    parts: list[list[str]],
+    records: list[list[dict[str, Any]]],
+    token: str,
+    overwrite: bool,
+) -> str:
+    """Rank 0, sharded outputs: one manifest per output, published together; ``""`` or the error."""
+    try:
+        with _OutputFiles(out, job.names, overwrite) as files:
+            for j, f in enumerate(files):
+                shards = [
+                    (names[j], rec[j])
+                    for names, rec in zip(zip(*parts, strict=True), records, strict=True)
+                    if rec[j]["pieces"]
+                ]
+                f.write(
+                    encode_manifest(
+                        job.specs,
+                        job.metas[j],
+                        f"{token}{j}",
+                        shards,
+                        content="reconstruction",
+                        keep_order=True,
+                    )
+                )
+    except Exception as exc:
+        return f"publishing the manifests: {type(exc).__name__}: {exc}"
+    return ""
+
+
 def _write_part(
     job: Job,
     read: Reader,
     out: SnapshotStore,
     names: list[str],
-    rank: int,
-    size: int,
+    mine: list[Window],
+    heads: list[tuple[bytes, dict[str, Any]]],
     max_inflight: int,
     progress: Callable[[int], None] | None,
 ) -> str:
-    """Stream this rank's windows into its K part files; ``""`` or the error."""
+    """Stream this rank's windows into its K part (or shard) files; ``""`` or the error."""
     backend = out.backend
     staged = []
     try:
         for n in names:  # one at a time, so that a failure discards the ones made
             staged.append(backend.stage(n, out.path_of(n), False))  # noqa: PERF401
-        mine = my_windows(job.windows, rank, size)
         files = [s.file for s in staged]
+        for f, (head, _) in zip(files, heads, strict=False):  # shard headers first
+            f.write(head)
         stream(
             read, mine, job.weights, job.latest, files, max_inflight=max_inflight, progress=progress
         )
         backend.publish(staged, False)
     except Exception as exc:
         backend.discard(staged)
-        return f"rank {rank}: {type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}"
     return ""
 
 

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Literal
 
 import numpy as np
@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from phema._backends import Staged
 from phema._stream import Window, plan_windows, stream
 from phema.errors import ExistsError, OptionError, PhemaError, StorageError
-from phema.format import FORMAT_VERSION, check_storage_dtype, encode_header
+from phema.format import FORMAT_VERSION, TensorInfo, check_storage_dtype, encode_header
 from phema.shards import read_logical, verify_shards
 from phema.solver import Fit, fit_profiles
 from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
@@ -141,6 +141,7 @@ def reconstruct(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     parallel: bool = False,
+    sharded: bool = False,
 ) -> list[Reconstruction]:
     """Synthesise profiles ``stds`` at time ``at`` (default: the last snapshot) into ``out``.
 
@@ -165,11 +166,15 @@ def reconstruct(
         parallel: Every rank of an initialised process group calls ``reconstruct``
             with the same arguments; each reads and sums a disjoint ~1/N of every
             snapshot's bytes, and the outputs are those one process writes.
+        sharded: With ``parallel``: leave each output as the ranks' shards plus a
+            manifest (:mod:`phema.shards`) instead of joining them; listed by
+            :meth:`~phema.store.SnapshotStore.reconstructions` and read whole by
+            :meth:`~phema.store.SnapshotStore.load`.
 
     Returns:
         One :class:`Reconstruction` per std, in order.
     """
-    _check_options(window_bytes, max_inflight, threads, dtype)  # before any listing
+    _check_options(window_bytes, max_inflight, threads, dtype, sharded, parallel)  # first
     src_store = src if isinstance(src, SnapshotStore) else SnapshotStore(src)
     if parallel:  # a rank that cannot plan must not leave the others waiting
         from phema._parallel import parallel_plan
@@ -188,6 +193,7 @@ def reconstruct(
         threads=threads,
         progress=progress,
         parallel=parallel,
+        sharded=sharded,
     )
 
 
@@ -203,6 +209,7 @@ def write_plan(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     parallel: bool = False,
+    sharded: bool = False,
 ) -> list[Reconstruction]:
     """Carry out a :func:`plan` made on ``src``: the streaming pass of :func:`reconstruct`.
 
@@ -211,7 +218,7 @@ def write_plan(
     joins the parts into the same outputs a single process writes
     (:mod:`phema._parallel`).
     """
-    _check_options(window_bytes, max_inflight, threads, dtype)
+    _check_options(window_bytes, max_inflight, threads, dtype, sharded, parallel)
     inputs = the_plan.inputs
 
     def read(r: int, offset: int, buf: memoryview) -> None:
@@ -225,7 +232,7 @@ def write_plan(
             return store, prepare(the_plan, store, dtype, window_bytes)
 
         with _torch_threads(threads):
-            return run_parallel(setup, read, overwrite, max_inflight, progress, inputs)
+            return run_parallel(setup, read, overwrite, max_inflight, progress, inputs, sharded)
     out_store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
     job = prepare(the_plan, out_store, dtype, window_bytes)
     with _OutputFiles(out_store, job.names, overwrite) as files, _torch_threads(threads):
@@ -253,6 +260,9 @@ class Job:
     windows: list[Window]
     weights: list[list[float]]
     latest: int
+    layout: tuple[TensorInfo, ...] = ()  # the inputs' (logical) layout
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)  # out
+    metas: list[dict[str, str]] = field(default_factory=list)  # each output's metadata
 
 
 def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window_bytes: int) -> Job:
@@ -269,6 +279,8 @@ def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window
     names = [snapshot_name(the_plan.t, s).replace("phema-", "phema-ema-", 1) for s in stds]
     results = []
     headers = []
+    metas = []
+    specs = [(ti.name, out_dtype[ti.name], ti.shape) for ti in layout]
     for j, (std, fit) in enumerate(zip(stds, the_plan.fits, strict=True)):
         coefs = {os.path.basename(i.path): weights[r][j] for r, i in enumerate(inputs)}
         meta = {
@@ -282,7 +294,7 @@ def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window
                 {"rel_error": fit.rel_error, "l1_norm": fit.l1_norm, "condition": fit.condition}
             ),
         }
-        specs = [(ti.name, out_dtype[ti.name], ti.shape) for ti in layout]
+        metas.append(meta)
         headers.append(encode_header(specs, meta, keep_order=True)[0])
         results.append(
             Reconstruction(
@@ -291,13 +303,23 @@ def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window
         )
     averaged = {ti.name for ti in layout if ti.name not in copied and ti.dtype.is_floating_point}
     windows = plan_windows(layout, averaged, out_dtype, window_bytes)
-    return Job(names, headers, results, windows, weights, latest)
+    return Job(names, headers, results, windows, weights, latest, layout, specs, metas)
 
 
 def _check_options(
-    window_bytes: int, max_inflight: int, threads: int | None, dtype: torch.dtype
+    window_bytes: int,
+    max_inflight: int,
+    threads: int | None,
+    dtype: torch.dtype,
+    sharded: bool = False,
+    parallel: bool = False,
 ) -> None:
     check_storage_dtype(dtype, "dtype")
+    if sharded and not parallel:
+        raise OptionError(
+            "sharded outputs are the shards of ranks that reconstruct together: pass "
+            "parallel=True and run every rank (torchrun), or leave sharded=False"
+        )
     for option, value in (("window_bytes", window_bytes), ("max_inflight", max_inflight)):
         if value < 1:
             raise OptionError(f"{option} must be at least 1, got {value}")

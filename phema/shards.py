@@ -26,7 +26,7 @@ import bisect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,7 +35,9 @@ from phema.errors import FormatError, PhemaError, StorageError
 from phema.format import Header, encode_header, file_view, layout_hash
 
 if TYPE_CHECKING:
-    from phema.store import SnapshotInfo, SnapshotStore
+    from phema.store import ReconstructionInfo, SnapshotInfo, SnapshotStore
+
+    Info = TypeVar("Info", bound=SnapshotInfo | ReconstructionInfo)
 
 __all__ = [
     "Shard",
@@ -120,16 +122,25 @@ def encode_manifest(
     meta: Mapping[str, str],
     snapshot_id: str,
     shards: Sequence[tuple[str, Mapping[str, object]]],
+    *,
+    content: str = "snapshot",
+    keep_order: bool = False,
 ) -> bytes:
-    """The manifest: ``meta`` plus the logical layout and every ``(shard name, record)``."""
+    """The manifest: ``meta`` plus the logical layout and every ``(shard name, record)``.
+
+    ``content`` is what the shards make up (``"snapshot"``, or ``"reconstruction"``
+    for sharded outputs of :func:`phema.reconstruct`); ``keep_order`` keeps ``specs``'
+    order as the logical layout (outputs follow their inputs' order).
+    """
     from phema.format import dtype_name
 
-    _, logical = encode_header(specs, {})
+    _, logical = encode_header(specs, {}, keep_order=keep_order)
     metadata = dict(meta)
     metadata.update(
         {
             "phema.kind": "sharded",
-            "phema.layout": layout_hash(specs),
+            "phema.content": content,
+            "phema.layout": meta.get("phema.layout") or layout_hash(specs),
             "phema.snapshot_id": snapshot_id,
             "phema.tensors": json.dumps(
                 [[i.name, dtype_name(i.dtype), list(i.shape)] for i in logical.tensors]
@@ -196,7 +207,7 @@ def parse_manifest(
     return logical, shards, tuple(segments)
 
 
-def verify_shards(store: SnapshotStore, info: SnapshotInfo) -> SnapshotInfo:
+def verify_shards(store: SnapshotStore, info: Info) -> Info:
     """``info`` with each shard's header checked against the manifest, and pinned.
 
     Raises:
@@ -205,6 +216,7 @@ def verify_shards(store: SnapshotStore, info: SnapshotInfo) -> SnapshotInfo:
     """
     if not info.shards:
         return info
+    assert info.header is not None
     snapshot_id = info.header.metadata.get("phema.snapshot_id", "")
     checked = []
     for shard in info.shards:
@@ -238,8 +250,11 @@ def verify_shards(store: SnapshotStore, info: SnapshotInfo) -> SnapshotInfo:
     return replace(info, shards=tuple(checked))
 
 
-def read_logical(store: SnapshotStore, info: SnapshotInfo, offset: int, out: memoryview) -> None:
+def read_logical(
+    store: SnapshotStore, info: SnapshotInfo | ReconstructionInfo, offset: int, out: memoryview
+) -> None:
     """Fill ``out`` with the snapshot's logical data bytes from ``offset`` (any kind)."""
+    assert info.header is not None
     if not info.shards:
         store.read_into(info.path, info.header.data_start + offset, out, info.identity or None)
         return

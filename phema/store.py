@@ -129,6 +129,10 @@ class ReconstructionInfo:
     size: int
     coefficients: dict[str, float]  # input file name -> coefficient
     fit: dict[str, float]  # rel_error, l1_norm, condition
+    header: Header | None = None  # its (logical) header: SnapshotStore.load reads it
+    identity: str = ""
+    shards: tuple[Shard, ...] = ()  # sharded outputs (reconstruct(..., sharded=True))
+    segments: tuple[Segment, ...] = ()
 
 
 def snapshot_metadata(
@@ -325,7 +329,7 @@ class SnapshotStore:
         """Files that interrupted writes left behind (local stores only).
 
         Hidden temporary files of writers killed mid-write, and shard files that no
-        listed snapshot uses (a sharded snapshot that some rank did not finish). Only
+        listed snapshot or output uses (a sharded snapshot that some rank did not finish). Only
         files last modified more than ``older_than`` seconds ago are returned, so that
         a writer still at work is not disturbed. They are never listed as snapshots.
         """
@@ -343,7 +347,9 @@ class SnapshotStore:
         ]
         shard_root = self.path_of(SHARD_FOLDER)
         if os.path.isdir(shard_root):
-            used = {self.path_of(sh.name) for i in self.list() for sh in i.shards}
+            snapshots, outputs = self.contents()
+            used = {self.path_of(sh.name) for i in snapshots for sh in i.shards}
+            used |= {self.path_of(sh.name) for o in outputs for sh in o.shards}
             for folder, _, files in os.walk(shard_root):
                 paths = (os.path.join(folder, n) for n in files)
                 found += [p for p in paths if p not in used and old(p)]
@@ -412,19 +418,19 @@ class SnapshotStore:
         return self._snapshots(headers), self._reconstructions(headers)
 
     def _snapshots(self, headers: Iterable[_Listed]) -> builtins.list[SnapshotInfo]:
-        infos = [
-            self._info(*entry)
-            for entry in headers
-            if entry[3].metadata.get("phema.kind") != "reconstruction"
-        ]
+        infos = [self._info(*entry) for entry in headers if not _is_output(entry[3])]
         return sorted(infos, key=lambda i: (i.t, i.std))
 
     def _reconstructions(self, headers: Iterable[_Listed]) -> builtins.list[ReconstructionInfo]:
         found = []
-        for path, source, size, header, _ in headers:
+        for path, source, size, header, identity in headers:
             meta = header.metadata
-            if meta.get("phema.kind") != "reconstruction":
+            if not _is_output(header):
                 continue
+            shards: tuple[Shard, ...] = ()
+            segments: tuple[Segment, ...] = ()
+            if meta.get("phema.kind") == "sharded":
+                header, shards, segments = parse_manifest(header, source)
             try:
                 found.append(
                     ReconstructionInfo(
@@ -433,9 +439,13 @@ class SnapshotStore:
                         t=float(meta["phema.t"]),
                         std=float(meta["phema.std"]),
                         t_unit=meta["phema.t_unit"],
-                        size=size,
+                        size=size + sum(sh.size for sh in shards),
                         coefficients=json.loads(meta["phema.coefficients"]),
                         fit=json.loads(meta["phema.fit"]),
+                        header=header,
+                        identity=identity,
+                        shards=shards,
+                        segments=segments,
                     )
                 )
             except (KeyError, ValueError, TypeError) as exc:
@@ -529,9 +539,10 @@ class SnapshotStore:
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{source}: metadata entry is missing or malformed ({exc})") from None
 
-    def load(self, info: SnapshotInfo) -> dict[str, Tensor]:
-        """All tensors of one snapshot (reads the data section once; shards verified first)."""
+    def load(self, info: SnapshotInfo | ReconstructionInfo) -> dict[str, Tensor]:
+        """All tensors of a snapshot or output (data read once; shards verified first)."""
         info = verify_shards(self, info)
+        assert info.header is not None
         data = bytearray(info.header.data_bytes)
         read_logical(self, info, 0, memoryview(data))
         out = {}
@@ -543,6 +554,13 @@ class SnapshotStore:
                 else torch.empty(ti.shape, dtype=ti.dtype)
             )
         return out
+
+
+def _is_output(header: Header) -> bool:
+    """Whether a listed file is an output of :func:`phema.reconstruct` (whole or sharded)."""
+    meta = header.metadata
+    kind, content = meta.get("phema.kind"), meta.get("phema.content")
+    return kind == "reconstruction" or (kind == "sharded" and content == "reconstruction")
 
 
 @contextmanager

@@ -84,6 +84,7 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
                 "t_unit": r.t_unit,
                 "std": r.std,
                 "bytes": r.size,
+                "shards": len(r.shards),
                 "inputs": len(r.coefficients),
                 **r.fit,
             }
@@ -232,6 +233,10 @@ def reconstruct_cmd(
         ),
     ] = 1,
     as_json: JsonOpt = False,
+    sharded: Annotated[
+        bool,
+        typer.Option(help="Under torchrun: leave each output as the ranks' shards + a manifest."),
+    ] = False,
 ) -> None:
     """Make new EMA profiles from a store in one pass over its snapshots.
 
@@ -241,7 +246,9 @@ def reconstruct_cmd(
     stds = parse_stds(std)
     parallel = _join_torchrun()
     try:
-        _reconstruct(url, stds, out, at, overwrite, window_mb, inflight, threads, as_json, parallel)
+        _reconstruct(
+            url, stds, out, at, overwrite, window_mb, inflight, threads, as_json, parallel, sharded
+        )
     finally:
         if parallel:
             import torch.distributed as dist
@@ -260,6 +267,7 @@ def _reconstruct(
     threads: int,
     as_json: bool,
     parallel: bool,
+    sharded: bool,
 ) -> None:
     rank = int(os.environ.get("RANK", "0")) if parallel else 0
     src = SnapshotStore(url)
@@ -275,6 +283,7 @@ def _reconstruct(
         max_inflight=inflight,
         threads=threads or None,
         parallel=parallel,
+        sharded=sharded,
     )
     if rank != 0:  # every rank reads its share; rank 0 reports
         run()

@@ -286,6 +286,7 @@ def parallel_reconstruct(out: str, rank: int, size: int) -> dict[str, object]:
         threads=1,
         progress=got.append,
         parallel=True,
+        sharded=bool(os.environ.get("PHEMA_SHARDED_OUT")),
     )
     return {"bytes_read": sum(got), "reads": len(got), "urls": [m.url for m in made]}
 

@@ -305,3 +305,46 @@ def test_a_rank_that_cannot_plan_stops_every_rank_at_once(trained, tmp_path):
     assert "parallel reconstruction stopped: rank 1: StorageError" in done.stderr
     assert "missing does not exist" in done.stderr
     assert not (tmp_path / "parallel").exists()
+
+
+@pytest.mark.slow
+def test_sharded_outputs_list_as_reconstructions_and_load_whole(trained, tmp_path):
+    n, out, _ = trained
+    src = str(out / "partition")
+    one = reconstruct(src, [0.07, 0.09], str(tmp_path / "one"), window_bytes=64, threads=1)
+    env = {"PHEMA_SRC": src, "PHEMA_SHARDED_OUT": "1"}
+    torchrun("reconstruct", tmp_path, n, env=env)
+    store = SnapshotStore(str(tmp_path / "parallel"))
+    assert store.list() == []  # outputs, not snapshots
+    outputs = store.reconstructions()
+    assert [(r.t, r.std) for r in outputs] == [(100.0, 0.07), (100.0, 0.09)]
+    for info, ref in zip(outputs, one, strict=True):
+        assert len(info.shards) == n  # each rank's windows, one shard each
+        assert info.coefficients == ref.coefficients
+        got, want = store.load(info), load_file(ref.path)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    _make().load_state_dict(store.load(outputs[0]), strict=True)
+    assert store.leftovers() == []  # every shard belongs to a listed output
+    ls = subprocess.run(
+        [shutil.which("phema") or "phema", "ls", "--json", str(tmp_path / "parallel")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [json.loads(line) for line in ls.stdout.splitlines()]
+    assert [(r["kind"], r["shards"]) for r in rows] == [("reconstruction", n)] * 2
+
+
+def test_sharded_outputs_need_ranks(tmp_path):
+    from phema import OptionError, PowerFunctionEMA, SnapshotWriter
+
+    net = torch.nn.Linear(3, 2)
+    ema = PowerFunctionEMA(net, stds=(0.05, 0.1))
+    with SnapshotWriter(str(tmp_path / "s")) as writer:
+        for t in (1.0, 2.0, 4.0, 8.0):
+            ema.update(t)
+            writer.save(ema)
+    with pytest.raises(OptionError, match="pass parallel=True"):
+        reconstruct(str(tmp_path / "s"), [0.08], str(tmp_path / "o"), sharded=True)
+    assert not (tmp_path / "o").exists()
