@@ -34,9 +34,8 @@ import torch.distributed as dist
 from phema._dist import all_gather_json, broadcast_text, cpu_group, world
 from phema._stream import Reader, Window, stream
 from phema.errors import ExistsError, StorageError
-from phema.format import encode_header
 from phema.reconstruct import Job, Reconstruction, _OutputFiles
-from phema.shards import encode_manifest
+from phema.shards import encode_manifest, shard_header
 from phema.store import SUFFIX, SnapshotInfo, SnapshotStore
 
 __all__ = [
@@ -235,18 +234,9 @@ def _shard_head(job: Job, mine: list[Window], snapshot_id: str) -> tuple[bytes, 
                 item = ti.dtype.itemsize
                 pieces.append((ti.name, (b - ti.begin) // item, (e - ti.begin) // item))
     dtypes = {n: d for n, d, _ in job.specs}
-    meta = {
-        "phema.kind": "shard",
-        "phema.snapshot_id": snapshot_id,
-        "phema.pieces": json.dumps({n: [b, e] for n, b, e in pieces}, separators=(",", ":")),
-    }
-    specs = [(n, dtypes[n], (e - b,)) for n, b, e in pieces]
-    prefix, header = encode_header(specs, meta, keep_order=True)
-    record = {
-        "size": header.file_bytes,
-        "data_start": header.data_start,
-        "pieces": [[n, b, e, t.begin] for (n, b, e), t in zip(pieces, header.tensors, strict=True)],
-    }
+    prefix, _, record = shard_header(
+        [(n, dtypes[n], b, e) for n, b, e in pieces], snapshot_id, {}, keep_order=True
+    )
     return prefix, record
 
 

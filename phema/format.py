@@ -39,6 +39,7 @@ __all__ = [
     "check_storage_dtype",
     "encode_header",
     "file_view",
+    "fill_file",
     "layout_hash",
     "parse_header",
     "parse_header_length",
@@ -195,6 +196,17 @@ def file_view(
     """
     specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     prefix, header = encode_header(specs, metadata)
+    return fill_file(prefix, header, tensors, consume=consume)
+
+
+def fill_file(
+    prefix: bytes, header: Header, tensors: Mapping[str, Tensor], *, consume: bool = False
+) -> memoryview:
+    """The file ``prefix`` + ``tensors``' bytes where ``header`` puts them, in one buffer.
+
+    ``prefix`` and ``header`` come from :func:`encode_header`; each tensor needs the
+    element count its entry has (any shape). ``consume`` as in :func:`file_view`.
+    """
     # Filled in place; its pages become resident only as they are written, so with
     # ``consume`` the file grows while the tensors it takes are released.
     view = torch.empty(header.file_bytes, dtype=torch.uint8)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from phema.errors import FormatError, PhemaError, StorageError
-from phema.format import Header, encode_header, file_view, layout_hash
+from phema.format import Header, encode_header, fill_file, layout_hash
 
 if TYPE_CHECKING:
     from phema.store import ReconstructionInfo, SnapshotInfo, SnapshotStore
@@ -87,6 +87,38 @@ def shard_name(stem: str, snapshot_id: str, rank: int) -> str:
     return f"{SHARD_FOLDER}/{stem}/{snapshot_id}-{rank:05d}.safetensors"
 
 
+def shard_header(
+    pieces: Sequence[tuple[str, torch.dtype, int, int]],
+    snapshot_id: str,
+    meta: Mapping[str, str],
+    *,
+    keep_order: bool = False,
+) -> tuple[bytes, Header, dict[str, object]]:
+    """Prefix and header of a shard holding elements ``[begin, end)`` of each tensor.
+
+    ``pieces`` are ``(name, dtype, begin, end)``. Returns the encoded prefix (8 bytes +
+    header), the parsed header and the record the manifest keeps of the shard (size,
+    data offset and each piece's offset in the data).
+    """
+    ranges = {n: [b, e] for n, _, b, e in pieces}
+    metadata = dict(meta)
+    metadata.update(
+        {
+            "phema.kind": "shard",
+            "phema.snapshot_id": snapshot_id,
+            "phema.pieces": json.dumps(ranges, separators=(",", ":")),
+        }
+    )
+    specs = [(n, d, (e - b,)) for n, d, b, e in pieces]
+    prefix, header = encode_header(specs, metadata, keep_order=keep_order)
+    record = {
+        "size": header.file_bytes,
+        "data_start": header.data_start,
+        "pieces": [[i.name, *ranges[i.name], i.begin] for i in header.tensors],
+    }
+    return prefix, header, record
+
+
 def encode_shard(
     pieces: list[tuple[str, int, int, Tensor]], snapshot_id: str, meta: Mapping[str, str]
 ) -> tuple[memoryview, dict[str, object]]:
@@ -97,24 +129,11 @@ def encode_shard(
     shard is held about once while it is encoded.
     """
     tensors = {n: v.detach().reshape(-1).to("cpu").contiguous() for n, _, _, v in pieces}
-    ranges = {n: [b, e] for n, b, e, _ in pieces}
-    pieces.clear()
-    metadata = dict(meta)
-    metadata.update(
-        {
-            "phema.kind": "shard",
-            "phema.snapshot_id": snapshot_id,
-            "phema.pieces": json.dumps(ranges, separators=(",", ":")),
-        }
+    prefix, header, record = shard_header(
+        [(n, tensors[n].dtype, b, e) for n, b, e, _ in pieces], snapshot_id, meta
     )
-    _, header = encode_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
-    data = file_view(tensors, metadata, consume=True)
-    record = {
-        "size": len(data),
-        "data_start": header.data_start,
-        "pieces": [[i.name, *ranges[i.name], i.begin] for i in header.tensors],
-    }
-    return data, record
+    pieces.clear()
+    return fill_file(prefix, header, tensors, consume=True), record
 
 
 def encode_manifest(
