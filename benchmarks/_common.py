@@ -98,3 +98,20 @@ def emit(bench: str, case: str, device: torch.device | str = "cpu", **fields: An
         record["load_1m"] = round(os.getloadavg()[0], 2)
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False if refused.
+
+    The interpreter's start-up (imports) leaves a peak above the RSS it settles at,
+    which would hide a smaller peak of the measured run. ``ru_maxrss`` cannot be
+    reset: it also keeps the peak recorded when any thread exited (Linux folds the
+    high-water mark into it at every thread exit), so it stays at the start-up peak
+    when the run's peak is lower. It is reported next to ``VmHWM``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True

@@ -84,7 +84,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import device_name, emit, fill_defaults, sig, summarize
+from _common import device_name, emit, fill_defaults, reset_peak_rss, sig, summarize
 from ema_update import FULL, QUICK, TINY, ModelSpec, build_model
 
 import phema
@@ -139,23 +139,6 @@ def rss_bytes() -> int:
     """Resident set size of this process now (``/proc/self/statm``)."""
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False if refused.
-
-    The interpreter's start-up (imports) leaves a peak above the RSS it settles at,
-    which would hide a smaller peak of the measured run. ``ru_maxrss`` cannot be
-    reset: it also keeps the peak recorded when any thread exited (Linux folds the
-    high-water mark into it at every thread exit), so it stays at the start-up peak
-    when the run's peak is lower. It is reported next to ``VmHWM``.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def hwm_bytes() -> int | None:

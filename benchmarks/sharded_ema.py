@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _common import emit, fill_defaults, sig
+from _common import emit, fill_defaults, reset_peak_rss, sig
 from torch import nn
 
 import phema
@@ -82,16 +82,6 @@ def proc_status(key: str) -> int:
     """A ``/proc/self/status`` figure in bytes (``VmRSS``, ``VmHWM``)."""
     with open("/proc/self/status", encoding="ascii") as f:
         return next(int(line.split()[1]) << 10 for line in f if line.startswith(key + ":"))
-
-
-def reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current resident set; whether the kernel allowed it."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 class Stepper:
@@ -194,7 +184,7 @@ def time_snapshots(
         (run, sharded), folder, row = cases[name], f"{base}/{name}-{r}", out[name]
         gc.collect()
         dist.barrier()
-        row["hwm_reset"] = reset_peak() and row.get("hwm_reset", True)
+        row["hwm_reset"] = reset_peak_rss() and row.get("hwm_reset", True)
         before, start = proc_status("VmRSS"), time.perf_counter()
         saved = run(folder, r)
         wrote, peak = time.perf_counter() - start, proc_status("VmHWM") - before

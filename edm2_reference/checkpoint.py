@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from phema._local import fsync_dir
 from phema.errors import PhemaError
 from phema.store import atomic_write
 
@@ -107,14 +108,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _one_process_quietly() -> Iterator[None]:
     """DCP without a process group warns that it assumes one process: that is the intent."""
@@ -148,7 +141,7 @@ def save_sharded_checkpoint(
         if os.path.exists(final):  # parts of a save that crashed before its file was written
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         save_checkpoint(run_dir, nimg, {**state, "sharded": sharded_folder(nimg)})
     _barrier()
     return path

@@ -2,13 +2,12 @@
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from launch import run_torchrun
 from rich.console import Console
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -176,26 +175,8 @@ _MODE_FLAGS = {"ddp": [], "fsdp": ["--fsdp", "--batch-gpu=16"]}
 
 
 def _torchrun(outdir, *extra):
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     flags = [f"--{k}={v}" for k, v in _RUN.items()]
-    proc = subprocess.run(
-        [
-            *cmd,
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "edm2_reference.train",
-            f"--outdir={outdir}",
-            *flags,
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
+    proc = run_torchrun(["-m", "edm2_reference.train", f"--outdir={outdir}", *flags, *extra], 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import run_torchrun
 from safetensors.torch import load_file
 
 from phema import SnapshotStore, StorageError
@@ -46,17 +45,7 @@ def torchrun(
     env: dict[str, str] | None = None,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("torchrun")
-    cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(
-        [*cmd, "--standalone", f"--nproc_per_node={n}", str(WORKER), mode, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        check=False,
-    )
+    done = run_torchrun([str(WORKER), mode, str(out)], n, env=env, timeout=timeout)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -260,19 +249,10 @@ def test_reconstruction_by_n_processes_equals_one_and_splits_the_reads(trained, 
 @pytest.mark.slow
 def test_phema_reconstruct_under_torchrun(trained, tmp_path):
     n, out, _ = trained
-    exe = shutil.which("torchrun")
-    cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
     phema_cli = shutil.which("phema")
     assert phema_cli is not None
     args = ["reconstruct", str(out / "partition"), "--std", "0.08", "--out", str(tmp_path / "o")]
-    done = subprocess.run(
-        [*cmd, "--standalone", f"--nproc_per_node={n}", phema_cli, *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
+    done = run_torchrun([phema_cli, *args, "--json"], n)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1  # rank 0 reports
