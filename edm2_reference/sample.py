@@ -1,25 +1,28 @@
 """Sample images from a trained network, a phema snapshot or a phema reconstruction.
 
 ``python -m edm2_reference.sample --net runs/d8/ema/phema-ema-...-0.1000.safetensors
---preset digits8 --seeds 0-63 --out grid.png`` draws one image per seed with the Heun
+--preset digits8 --seeds 0-63 --out grid.png`` (``--help`` for every flag) draws one image per seed with the Heun
 sampler (:func:`edm2_reference.sampler.edm_sampler`: 32 steps, sigma 0.002..80, rho 7 by
 default; ``--churn`` adds EDM stochasticity; ``--gnet`` and ``--guidance`` guide with a
 second network) and writes a PNG grid. Networks are built from the preset and loaded
-from safetensors (any fsspec URL) or a training checkpoint read with
+from safetensors or a training checkpoint (any fsspec URL), the latter read with
 ``torch.load(weights_only=True)``, then frozen: they cannot enter training mode, so
 forced weight normalisation can never rewrite the loaded (EMA) weights.
 """
 
 from __future__ import annotations
 
-import argparse
+import io
 import os
 from collections.abc import Sequence
+from typing import Annotated
 
 import fsspec
 import safetensors.torch
 import torch
+import typer
 
+from edm2_reference import cli
 from edm2_reference.data import load_dataset
 from edm2_reference.network import Precond
 from edm2_reference.presets import build_precond, get_preset
@@ -45,8 +48,8 @@ def load_network(
 ) -> Precond:
     """A frozen :class:`Precond` of ``preset`` with the weights in ``source``.
 
-    ``source``: a ``.safetensors`` file at any fsspec URL (phema snapshot or
-    reconstruction, or a plain state dict), or a ``training-state-*.pt`` checkpoint.
+    ``source``: a ``.safetensors`` file (phema snapshot or reconstruction, or a plain
+    state dict) or a ``training-state-*.pt`` checkpoint, at any fsspec URL.
     """
     net = build_precond(
         preset,
@@ -55,15 +58,21 @@ def load_network(
         img_channels=img_channels,
         use_fp16=False,
     )
-    if source.endswith(".pt"):
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        tensors = state["net"] if isinstance(state, dict) and "net" in state else state
-    else:
-        try:
-            with fsspec.open(source, "rb") as f:
-                tensors = safetensors.torch.load(f.read())
-        except FileNotFoundError:
-            raise NetworkLoadError(f"{source} does not exist") from None
+    data = _read(source)
+    try:
+        if source.endswith(".pt"):
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            tensors = state["net"] if isinstance(state, dict) and "net" in state else state
+        else:
+            tensors = safetensors.torch.load(data)
+    except Exception as exc:  # not weights: torch.load's and safetensors' own errors
+        kind = "a training state (.pt)" if source.endswith(".pt") else "safetensors"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise NetworkLoadError(
+            f"{source} cannot be read as {kind} ({type(exc).__name__}: {first})"
+        ) from exc
+    if not isinstance(tensors, dict):
+        raise NetworkLoadError(f"{source} holds no state dict of tensors")
     try:
         net.load_state_dict(tensors)
     except RuntimeError as exc:
@@ -76,61 +85,175 @@ def load_network(
     return net.to(device).freeze()
 
 
+def _read(source: str) -> bytes:
+    """The bytes at ``source`` (any fsspec URL); a :class:`NetworkLoadError` naming it if not."""
+    try:
+        with fsspec.open(source, "rb") as f:
+            data: bytes = f.read()
+    except FileNotFoundError:
+        raise NetworkLoadError(
+            f"{source} does not exist; pass a .safetensors file (any URL) or a "
+            "training-state-*.pt checkpoint"
+        ) from None
+    except Exception as exc:  # unknown protocol, permissions, network, credentials
+        raise NetworkLoadError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
+    return data
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``."""
+    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``; ``ValueError`` for anything else."""
     seeds: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
+        lo, _, hi = part.strip().partition("-")
         seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
     return seeds
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m edm2_reference.sample``."""
-    p = argparse.ArgumentParser(prog="python -m edm2_reference.sample", description=__doc__)
-    p.add_argument("--net", required=True, help="safetensors (any URL) or training-state .pt")
-    p.add_argument("--gnet", help="guiding network (same kinds of source)")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w (1: off)")
-    p.add_argument("--preset", default="digits8")
-    p.add_argument("--data", help="dataset the net was trained on (sets shape and labels)")
-    p.add_argument("--uncond", action="store_true", help="the net was trained without labels")
-    p.add_argument("--class", dest="class_idx", type=int, help="class of every image")
-    p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 1,5,9")
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--churn", type=float, default=0.0, help="S_churn (0: deterministic)")
-    p.add_argument("--out", required=True, help="PNG grid to write")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
-    if os.path.exists(a.out) and not a.overwrite:
-        p.error(f"{a.out} exists; pass --overwrite to replace it")
-    if a.guidance != 1.0 and not a.gnet:
-        p.error("--guidance other than 1 needs --gnet")
-    data = load_dataset(a.data or get_preset(a.preset).dataset or "digits")
-    c, h, _ = data.shape
-    label_dim = 0 if a.uncond else data.label_dim
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = parse_seeds(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a seed list like 0-63 or 1,5,9") from None
+    if not seeds:
+        raise typer.BadParameter(f"{text!r} has no seeds (a range runs low-high, e.g. 0-63)")
+    return seeds
+
+
+_HELP = (
+    "Sample images from a trained network, a phema snapshot or a phema reconstruction "
+    "(Heun sampler) and write them as one PNG grid, an image per seed.\n\n"
+    "The network is built from --preset and the shape and labels of --data, then loaded "
+    "from a .safetensors file (any fsspec URL) or a training-state-*.pt checkpoint."
+)
+
+
+app = cli.new_app()
+
+
+@app.command(help=_HELP, epilog=cli.EPILOG)
+def command(
+    net: Annotated[
+        str,
+        typer.Option(
+            help="Weights to sample from: .safetensors (any URL) or a training-state .pt.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[str, typer.Option(help="PNG grid to write.", show_default=False)],
+    gnet: Annotated[
+        str | None,
+        typer.Option(help="Guiding network for --guidance (same kinds of source)."),
+    ] = None,
+    guidance: Annotated[
+        float,
+        typer.Option(parser=cli.number(), metavar="<float>", help="Guidance weight w; 1 is off."),
+    ] = 1.0,
+    preset: Annotated[
+        str, typer.Option(callback=cli.check_preset, help=cli.PRESET_HELP)
+    ] = "digits8",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Dataset the net was trained on (sets image shape and classes).",
+            show_default="the preset's dataset",
+        ),
+    ] = None,
+    uncond: Annotated[
+        bool, typer.Option("--uncond", help="The net was trained without class labels.")
+    ] = False,
+    class_idx: Annotated[
+        int | None,
+        typer.Option(
+            "--class",
+            parser=cli.count(0),
+            metavar="<int>",
+            help="Class of every image.",
+            show_default="a random class per seed",
+        ),
+    ] = None,
+    seeds: Annotated[
+        str, typer.Option(help="One image per seed: a range and/or list, e.g. 0-63 or 1,5,9.")
+    ] = "0-63",
+    steps: Annotated[
+        int,
+        typer.Option(
+            parser=cli.count(1), metavar="<int>", help="Sampler steps (2 x steps - 1 calls)."
+        ),
+    ] = 32,
+    churn: Annotated[
+        float,
+        typer.Option(
+            parser=cli.number(0.0), metavar="<float>", help="S_churn; 0 is deterministic."
+        ),
+    ] = 0.0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out.")
+    ] = False,
+    scale: Annotated[
+        int,
+        typer.Option(parser=cli.count(1), metavar="<int>", help="Pixel upscaling of the grid."),
+    ] = 4,
+    batch: Annotated[
+        int,
+        typer.Option(
+            parser=cli.count(1), metavar="<int>", help="Images per sampler batch (memory)."
+        ),
+    ] = 64,
+    device: Annotated[
+        str, typer.Option(parser=cli.device, metavar="<device>", help="Torch device.")
+    ] = cli.default_device(),
+) -> None:
+    """Sample one image per seed and write the PNG grid."""
+    seed_list = _seeds(seeds)
+    if guidance != 1.0 and not gnet:
+        raise typer.BadParameter(
+            f"{guidance:g} needs a guiding network: pass --gnet", param_hint="'--guidance'"
+        )
+    if os.path.exists(out) and not overwrite:
+        raise cli.CommandError(f"{out} exists; pass --overwrite to replace it")
+    dataset = load_dataset(data or get_preset(preset).dataset or "digits")
+    c, h, _ = dataset.shape
+    label_dim = 0 if uncond else dataset.label_dim
+    if class_idx is not None and class_idx >= label_dim:
+        why = (
+            f"pass 0 to {label_dim - 1}"
+            if label_dim
+            else "an unconditional net (--uncond) has no classes"
+        )
+        raise typer.BadParameter(f"{class_idx} is not a class; {why}", param_hint="'--class'")
     nets = [
         load_network(
-            src, a.preset, label_dim=label_dim, img_resolution=h, img_channels=c, device=a.device
+            src, preset, label_dim=label_dim, img_resolution=h, img_channels=c, device=device
         )
-        for src in ([a.net, a.gnet] if a.gnet else [a.net])
+        for src in ([net, gnet] if gnet else [net])
     ]
-    images = generate(
-        nets[0],
-        parse_seeds(a.seeds),
-        data.shape,
-        num_classes=label_dim,
-        class_idx=a.class_idx,
-        gnet=nets[1] if a.gnet else None,
-        device=a.device,
-        num_steps=a.steps,
-        guidance=a.guidance,
-        S_churn=a.churn,
-    )
-    with atomic_write(os.path.abspath(a.out)) as f:  # the grid appears whole or not at all
-        save_image_grid(images, f, scale=a.scale, padding=a.scale)
-    print(f"{len(images)} images -> {a.out}")  # noqa: T201
+    with cli.progress() as bar:
+        task = bar.add_task("sampling", total=len(seed_list))
+        images = generate(
+            nets[0],
+            seed_list,
+            dataset.shape,
+            num_classes=label_dim,
+            class_idx=class_idx,
+            batch_size=batch,
+            gnet=nets[1] if gnet else None,
+            device=device,
+            progress=lambda n: bar.advance(task, n),
+            num_steps=steps,
+            guidance=guidance,
+            S_churn=churn,
+        )
+        bar.update(task, completed=len(seed_list))  # the steps' fractions may not add up exactly
+    target = os.path.abspath(out)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with atomic_write(target) as f:  # the grid appears whole or not at all
+        save_image_grid(images, f, scale=scale, padding=scale)
+    typer.echo(f"{len(images)} images -> {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m edm2_reference.sample`` (``argv`` default: ``sys.argv[1:]``)."""
+    cli.run_app(app, argv, "python -m edm2_reference.sample")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ are drawn in that order, so batching and batch order change nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -100,6 +101,7 @@ def edm_sampler(
     S_noise: float = 1.0,
     dtype: torch.dtype = torch.float32,
     randn_like: Callable[[Tensor], Tensor] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Deterministic (or, with ``S_churn > 0``, stochastic) Heun sampling from unit noise.
 
@@ -115,6 +117,7 @@ def edm_sampler(
         dtype: Precision of the ODE state and arithmetic (float32 or float64).
         randn_like: Churn noise source; pass :meth:`SeedGenerators.randn_like` for
             per-seed determinism. Defaults to ``torch.randn_like``.
+        on_step: Called as ``on_step(i + 1, num_steps)`` after step ``i`` (progress display).
 
     Returns:
         The samples at :math:`\\sigma = 0`, ``(N, C, H, W)`` in ``dtype``. Runs under
@@ -149,6 +152,8 @@ def edm_sampler(
         if i < num_steps - 1:
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if on_step is not None:
+            on_step(i + 1, num_steps)
     return x_next
 
 
@@ -231,27 +236,40 @@ def generate(
     batch_size: int = 64,
     gnet: Denoiser | None = None,
     device: torch.device | str = "cpu",
+    progress: Callable[[float], None] | None = None,
     **sampler_kwargs: Any,
 ) -> Tensor:
     """Sample one image per seed in batches; the result does not depend on ``batch_size``.
 
     ``sampler_kwargs`` go to :func:`edm_sampler` (``num_steps``, ``guidance``, ``dtype``, ...).
+    ``progress``, if given, is called after every sampler step with the images it advanced
+    (a batch's size over the number of steps; the calls add up to ``len(seeds)``).
     """
     if batch_size < 1:
         raise SamplerError(f"batch_size must be >= 1, got {batch_size}")
     out = []
     for start in range(0, len(seeds), batch_size):
+        batch = seeds[start : start + batch_size]
         noise, labels, gens = make_inputs(
-            seeds[start : start + batch_size],
-            shape,
-            num_classes=num_classes,
-            class_idx=class_idx,
-            device=device,
+            batch, shape, num_classes=num_classes, class_idx=class_idx, device=device
         )
+        on_step = None if progress is None else functools.partial(_advance, progress, len(batch))
         out.append(
-            edm_sampler(net, noise, labels, gnet, randn_like=gens.randn_like, **sampler_kwargs)
+            edm_sampler(
+                net,
+                noise,
+                labels,
+                gnet,
+                randn_like=gens.randn_like,
+                on_step=on_step,
+                **sampler_kwargs,
+            )
         )
     return torch.cat(out)
+
+
+def _advance(progress: Callable[[float], None], n: int, done: int, total: int) -> None:
+    progress(n / total)
 
 
 def to_uint8(images: Tensor) -> NDArray[np.uint8]:

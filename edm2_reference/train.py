@@ -31,18 +31,20 @@ images (``nimg``). Every step:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import typer
 from rich.console import Console
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
@@ -57,6 +59,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from edm2_reference import cli
 from edm2_reference.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -71,9 +74,11 @@ from edm2_reference.mp import MPConv, normalize_weights_
 from edm2_reference.network import Block, Precond
 from edm2_reference.presets import TrainingConfig, build_precond, get_preset
 from phema import PowerFunctionEMA, SnapshotWriter
+from phema.errors import PhemaError
+from phema.profiles import sigma_rel_to_gamma
 from phema.store import snapshot_name
 
-__all__ = ["TrainResult", "TrainSettings", "main", "train"]
+__all__ = ["TrainResult", "TrainSettings", "main", "parse_args", "train"]
 
 
 @dataclass(frozen=True)
@@ -152,10 +157,16 @@ def _autocast(world: World, precision: str) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def train(settings: TrainSettings, console: Console | None = None) -> TrainResult:
-    """Run (or resume) training as ``settings`` say; returns at the end or at ``stop_at``."""
+def train(
+    settings: TrainSettings, console: Console | None = None, *, show_progress: bool = False
+) -> TrainResult:
+    """Run (or resume) training as ``settings`` say; returns at the end or at ``stop_at``.
+
+    Rank 0 writes a start line and status lines to ``console`` (default: stderr) and, with
+    ``show_progress``, a progress bar with images/s and ETA.
+    """
     world = init_world(settings.device)
-    console = console or Console(stderr=True)
+    console = console or cli.err_console
     cfg = settings.training()
     preset = get_preset(settings.preset)
     dataset: ImageDataset = load_dataset(settings.data or preset.dataset or "digits")
@@ -175,9 +186,10 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
         preset, label_dim=label_dim, img_resolution=h, img_channels=c, **overrides
     ).to(world.device)
     net.train()
+    num_params = sum(p.numel() for p in net.parameters())
     fsdp = settings.fsdp and world.size > 1
     if settings.fsdp and not fsdp and world.is_main:
-        console.print("--fsdp: one process, nothing to shard; training unsharded", highlight=False)
+        _log(console, "--fsdp: one process, nothing to shard; training unsharded")
     replicated = _shard(net, world) if fsdp else []
     optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=cfg.adam_betas, eps=cfg.adam_eps)
     # Made after fully_shard; with several processes every rank tracks its rows only.
@@ -204,7 +216,7 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
                 if written_by != world.size
                 else ""
             )
-            console.print(f"resumed from {resume} at {nimg} images{note}", highlight=False)
+            _log(console, f"resumed from {resume} at {nimg:,} images{note}")
     ddp = (
         DistributedDataParallel(
             net, device_ids=[world.device] if world.device.type == "cuda" else None
@@ -231,7 +243,23 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
         "snap_s": 0.0,
         "t0": time.perf_counter(),
     }
-    try:
+    if world.is_main:
+        procs = (
+            f"{world.size} processes{' (FSDP2)' if fsdp else ''}" if world.size > 1 else "1 process"
+        )
+        _log(
+            console,
+            f"training {settings.preset} ({num_params:,} parameters) on {dataset.name} "
+            f"({len(dataset):,} images, {c}x{h}x{dataset.shape[2]}"
+            f"{'' if label_dim else ', no labels'}), batch {cfg.batch_size} on {procs} "
+            f"({world.device}), images {nimg:,} to {end:,}; EMA snapshots every "
+            f"{cfg.snapshot_nimg:,} images to {store_url}; status lines every {cfg.status_nimg:,} images",
+        )
+    with (
+        cli.progress(console, enabled=show_progress and world.is_main and nimg < end) as bar,
+        contextlib.closing(writer),
+    ):
+        task = bar.add_task("training", total=end, completed=nimg)
         while nimg < end:
             lr = cfg.learning_rate(nimg)
             for group in optimizer.param_groups:
@@ -298,10 +326,14 @@ def train(settings: TrainSettings, console: Console | None = None) -> TrainResul
                 )
             if _crossed(nimg, cfg.batch_size, cfg.status_nimg) or nimg >= end:
                 elapsed = _status(world, console, stats_path, window, nimg, step, lr, elapsed)
-    finally:
-        writer.close()
+            bar.update(task, completed=nimg)
     world.barrier()
     return TrainResult(nimg, losses, list(writer.written), net)
+
+
+def _log(console: Console, line: str) -> None:
+    """One line as is: no rich markup (paths may hold brackets), no wrapping in logs."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _shard(net: Precond, world: World) -> list[nn.Parameter]:
@@ -372,10 +404,10 @@ def _snapshot_due(
     have = world.from_main(len(found))
     if 0 < have < len(names) and world.is_main:
         missing = ", ".join(n for n in names if n not in found)
-        console.print(
+        _log(
+            console,
             f"warning: snapshots at {nimg} images were partly written before a crash; "
             f"{missing} will be missing (a sharded snapshot is never written twice)",
-            highlight=False,
         )
     return have == 0
 
@@ -494,102 +526,298 @@ def _status(
         os.makedirs(os.path.dirname(stats_path) or ".", exist_ok=True)
         with open(stats_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        console.print(
+        _log(
+            console,
             f"nimg {nimg:>10,}  step {step:>7}  loss {row['loss']:8.4f}  lr {lr:.3e}  "
             f"{row['sec_per_step'] * 1e3:7.1f} ms/step  ema {row['ema_share']:.2%}  "
             f"snap {row['snapshot_share']:.2%}",
-            highlight=False,
         )
     window.update(loss=0.0, n=0, ema_s=0.0, snap_s=0.0, t0=time.perf_counter())
     return elapsed
 
 
+_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 1000, "M": 10**6}
+
+
 def _images(text: str) -> int:
-    """``"160Ki"`` -> 163840, ``"2Mi"``, ``"5000"``."""
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 1000, "M": 10**6}
-    for suffix, scale in units.items():
+    """``"160Ki"`` -> 163840, ``"2Mi"``, ``"5000"``; ``ValueError`` otherwise."""
+    for suffix, scale in _UNITS.items():
         if text.endswith(suffix):
             return int(float(text[: -len(suffix)]) * scale)
     return int(text)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainSettings:
-    """Command-line flags -> :class:`TrainSettings`."""
-    p = argparse.ArgumentParser(
-        prog="python -m edm2_reference.train", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--preset", default="digits8")
-    p.add_argument(
-        "--data", help="digits | mnist | a PNG folder, ZIP or .npz (default: the preset's)"
-    )
-    p.add_argument(
-        "--outdir", default="runs/edm2", help="checkpoints, stats.jsonl; resumes from here"
-    )
-    p.add_argument(
-        "--snapshots", help="phema store URL for EMA snapshots (default <outdir>/snapshots)"
-    )
-    p.add_argument("--uncond", action="store_true", help="train without class labels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, help="total batch over all processes")
-    p.add_argument("--batch-gpu", type=int, help="per-process batch per round (accumulation)")
-    p.add_argument("--duration", type=_images, help="images to train on, e.g. 160Ki")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--rampup", type=_images)
-    p.add_argument("--decay-batches", type=int)
-    p.add_argument("--snapshot", type=_images, help="images between EMA snapshots")
-    p.add_argument("--checkpoint", type=_images, help="images between checkpoints")
-    p.add_argument("--status", type=_images, help="images between status lines")
-    p.add_argument("--ema-stds", help="comma-separated, e.g. 0.05,0.1")
-    p.add_argument(
-        "--snapshot-dtype", default="float32", choices=["float32", "float16", "bfloat16"]
-    )
-    p.add_argument("--device")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--stop-at", type=_images, help="end this invocation at this image count")
-    p.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard the network with FSDP2 instead of DDP (under torchrun with several processes)",
-    )
-    a = p.parse_args(argv)
-    return TrainSettings(
-        preset=a.preset,
-        data=a.data,
-        outdir=a.outdir,
-        snapshots=a.snapshots,
-        cond=not a.uncond,
-        seed=a.seed,
-        batch=a.batch,
-        batch_gpu=a.batch_gpu,
-        duration=a.duration,
-        lr=a.lr,
-        rampup=a.rampup,
-        decay_batches=a.decay_batches,
-        snapshot=a.snapshot,
-        checkpoint=a.checkpoint,
-        status=a.status,
-        ema_stds=tuple(float(s) for s in a.ema_stds.split(",")) if a.ema_stds else None,
-        snapshot_dtype=a.snapshot_dtype,
-        device=a.device,
-        precision=a.precision,
-        stop_at=a.stop_at,
-        fsdp=a.fsdp,
-    )
+def _image_count(lo: int) -> Callable[[str], int]:
+    """A flag parser of image counts (``5000``, ``160Ki``, ``2Mi``) ``>= lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = _images(str(text).strip())
+        except (ValueError, OverflowError):
+            raise typer.BadParameter(
+                f"{text!r} is not an image count like 5000, 160Ki or 2Mi"
+            ) from None
+        if value < lo:
+            raise typer.BadParameter(f"{text!r} is too small; pass {lo} or more")
+        return value
+
+    return parse
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m edm2_reference.train``."""
-    settings = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-    result = train(settings)
+def _stds(text: str) -> tuple[float, ...]:
+    """``"0.05,0.1"`` -> ``(0.05, 0.1)``: distinct relative stds that phema can track."""
+    try:
+        stds = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    if not stds:
+        raise typer.BadParameter(f"{text!r}: give at least one std, e.g. 0.05,0.1")
+    if len(set(stds)) != len(stds):
+        raise typer.BadParameter(f"{text!r}: the stds repeat")
+    try:
+        sigma_rel_to_gamma(stds)
+    except PhemaError as exc:
+        raise typer.BadParameter(f"{text!r}: {exc}") from None
+    return stds
+
+
+_HELP = (
+    "Train EDM2 Config G with phema streaming post-hoc EMA snapshots; resumable (rerun the "
+    "same command), and runs under torchrun --nproc_per_node=N with the same maths for any "
+    "process count.\n\n"
+    "Times are counted in images (5000, 160Ki = 160 x 1024, 2Mi). Unset hyper-parameters "
+    "take the preset's values. A progress bar with images/s and ETA and a status line every "
+    "--status images go to stderr; the summary goes to stdout."
+)
+
+_IMAGES = "<images>"
+_PRESETS_VALUE = "the preset's"
+
+
+app = cli.new_app()
+
+
+@app.command(help=_HELP, epilog=cli.EPILOG)
+def command(
+    ctx: typer.Context,
+    preset: Annotated[
+        str, typer.Option(callback=cli.check_preset, help=cli.PRESET_HELP)
+    ] = "digits8",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="digits, mnist, or a PNG folder, ZIP or .npz.",
+            show_default="the preset's dataset",
+        ),
+    ] = None,
+    outdir: Annotated[
+        str, typer.Option(help="Checkpoints and stats.jsonl; a rerun resumes from here.")
+    ] = "runs/edm2",
+    snapshots: Annotated[
+        str | None,
+        typer.Option(
+            help="phema store URL for the EMA snapshots (s3://, hf://, ...).",
+            show_default="OUTDIR/snapshots",
+        ),
+    ] = None,
+    uncond: Annotated[bool, typer.Option("--uncond", help="Train without class labels.")] = False,
+    seed: Annotated[
+        int, typer.Option(parser=cli.count(0), metavar="<int>", help="Seed of everything.")
+    ] = 0,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            parser=cli.count(1),
+            metavar="<int>",
+            help="Total batch over all processes.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    batch_gpu: Annotated[
+        int | None,
+        typer.Option(
+            parser=cli.count(1),
+            metavar="<int>",
+            help="Per-process images per round (gradient accumulation).",
+            show_default="the per-process batch",
+        ),
+    ] = None,
+    duration: Annotated[
+        int | None,
+        typer.Option(
+            parser=_image_count(1),
+            metavar=_IMAGES,
+            help="Images to train on.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            parser=cli.number(0.0),
+            metavar="<float>",
+            help="Reference learning rate.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    rampup: Annotated[
+        int | None,
+        typer.Option(
+            parser=_image_count(0),
+            metavar=_IMAGES,
+            help="Linear learning-rate warm-up.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    decay_batches: Annotated[
+        int | None,
+        typer.Option(
+            parser=cli.count(1),
+            metavar="<int>",
+            help="Batches before the inverse-square-root decay starts.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    snapshot: Annotated[
+        int | None,
+        typer.Option(
+            parser=_image_count(1),
+            metavar=_IMAGES,
+            help="Images between EMA snapshots.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        int | None,
+        typer.Option(
+            parser=_image_count(1),
+            metavar=_IMAGES,
+            help="Images between checkpoints.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    status: Annotated[
+        int | None,
+        typer.Option(
+            parser=_image_count(1),
+            metavar=_IMAGES,
+            help="Images between status lines.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    ema_stds: Annotated[
+        str | None,
+        typer.Option(
+            help="Relative stds of the tracked EMA profiles, e.g. 0.05,0.1.",
+            show_default=_PRESETS_VALUE,
+        ),
+    ] = None,
+    snapshot_dtype: Annotated[
+        Literal["float32", "float16", "bfloat16"], typer.Option(help="Dtype of snapshot files.")
+    ] = "float32",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            parser=cli.device,
+            metavar="<device>",
+            help="Torch device.",
+            show_default="cuda if present, else cpu",
+        ),
+    ] = None,
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16"],
+        typer.Option(help="auto: the preset's fp16 trunk on CUDA, fp32 elsewhere."),
+    ] = "auto",
+    stop_at: Annotated[
+        int | None,
+        typer.Option(
+            parser=_image_count(1),
+            metavar=_IMAGES,
+            help="End this invocation at this image count (resume later).",
+        ),
+    ] = None,
+    fsdp: Annotated[
+        bool,
+        typer.Option(
+            "--fsdp",
+            help="Shard the network with FSDP2 instead of DDP (torchrun, several processes).",
+        ),
+    ] = False,
+) -> None:
+    """Train (or resume) and print a summary."""
+    settings = _settings(ctx.params)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_batch(settings, world_size)
+    if world_size > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    result = train(settings, show_progress=True)
     if int(os.environ.get("RANK", "0")) == 0:
-        Console(stderr=True).print(
-            f"done at {result.nimg} images; {len(result.snapshots)} snapshot files written",
-            highlight=False,
+        store = settings.snapshots or os.path.join(settings.outdir, "snapshots")
+        typer.echo(
+            f"done at {result.nimg:,} images: {len(result.snapshots)} snapshot files "
+            f"written to {store}, checkpoints and stats.jsonl in {settings.outdir}"
         )
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
+
+def _settings(params: dict[str, Any]) -> TrainSettings:
+    """Parsed flags -> :class:`TrainSettings`."""
+    stds = params["ema_stds"]
+    return TrainSettings(
+        preset=params["preset"],
+        data=params["data"],
+        outdir=params["outdir"],
+        snapshots=params["snapshots"],
+        cond=not params["uncond"],
+        seed=params["seed"],
+        batch=params["batch"],
+        batch_gpu=params["batch_gpu"],
+        duration=params["duration"],
+        lr=params["lr"],
+        rampup=params["rampup"],
+        decay_batches=params["decay_batches"],
+        snapshot=params["snapshot"],
+        checkpoint=params["checkpoint"],
+        status=params["status"],
+        ema_stds=_stds(stds) if stds is not None else None,
+        snapshot_dtype=params["snapshot_dtype"],
+        device=params["device"],
+        precision=params["precision"],
+        stop_at=params["stop_at"],
+        fsdp=params["fsdp"],
+    )
+
+
+def _check_batch(settings: TrainSettings, world_size: int) -> None:
+    """The batch flags against the process count: ``typer.BadParameter`` (exit 2) if off."""
+    total = settings.training().batch_size
+    if total % world_size:
+        raise typer.BadParameter(
+            f"{total} is not divisible by the {world_size} processes; pass a multiple",
+            param_hint="'--batch'",
+        )
+    per_rank = total // world_size
+    if settings.batch_gpu is not None and per_rank % min(settings.batch_gpu, per_rank):
+        raise typer.BadParameter(
+            f"{settings.batch_gpu} does not divide the per-process batch {per_rank}",
+            param_hint="'--batch-gpu'",
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
+    """Command-line flags -> :class:`TrainSettings` (``typer.BadParameter`` on bad values)."""
+    command_ = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    with command_.make_context("python -m edm2_reference.train", args) as ctx:
+        return _settings(ctx.params)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m edm2_reference.train`` (``argv`` default: ``sys.argv[1:]``)."""
+    try:
+        cli.run_app(app, argv, "python -m edm2_reference.train")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from phema._backends import Backend, Head, Staged, _Undo
+from phema.errors import StorageError
 
 #: Errors of ``link(2)`` that mean "this filesystem has no hard links" (FAT, some FUSE/SMB).
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
@@ -93,9 +94,13 @@ class LocalBackend(Backend):
         while probe and not os.path.isdir(probe):
             created.append(probe)
             probe = os.path.dirname(probe)
-        os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, temp_name(os.path.basename(path)))
-        return Staged(name, path, open(tmp, "wb"), token=tmp, extra={"created": created})
+        try:
+            os.makedirs(folder, exist_ok=True)
+            f = open(tmp, "wb")  # noqa: SIM115 (closed when published or discarded)
+        except OSError as exc:  # named by the user's path, not the hidden temporary one
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return Staged(name, path, f, token=tmp, extra={"created": created})
 
     def _seal(self, s: Staged) -> None:
         if not s.file.closed:

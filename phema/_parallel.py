@@ -292,7 +292,14 @@ def _write_part(
         for f, (head, _) in zip(files, heads, strict=False):  # shard headers first
             f.write(head)
         stream(
-            read, mine, job.weights, job.latest, files, max_inflight=max_inflight, progress=progress
+            read,
+            mine,
+            job.weights,
+            job.latest,
+            files,
+            max_inflight=max_inflight,
+            progress=progress,
+            name_of=job.where,
         )
         backend.publish(staged, False)
     except Exception as exc:

@@ -40,6 +40,7 @@ from typing import IO
 
 import torch
 
+from phema.errors import NonFiniteError
 from phema.format import TensorInfo
 
 __all__ = ["Run", "Window", "plan_windows", "stream"]
@@ -141,8 +142,13 @@ def stream(
     *,
     max_inflight: int,
     progress: Callable[[int], None] | None = None,
+    name_of: Callable[[int, int], str] = lambda i, offset: f"input {i} at byte {offset}",
 ) -> None:
     """Sum every window over the inputs and append it to every output file.
+
+    A window whose sums are not all finite is not written: the inputs' bytes of that
+    window are read again to find the first one holding a NaN or an infinity, and
+    :class:`~phema.errors.NonFiniteError` names it (``name_of(input, data offset)``).
 
     Args:
         read: Fills a buffer with one input's bytes at a data offset.
@@ -152,6 +158,7 @@ def stream(
         files: One open output per column of ``weights``, positioned after its header.
         max_inflight: Reads in flight at once, and snapshots per blocked sum (G).
         progress: Called with the bytes of each finished read.
+        name_of: Describes where an input's data byte lies, for errors.
     """
     if not windows:
         return
@@ -206,6 +213,8 @@ def stream(
                     if r.acc < 0
                 )
             if first + count == n_in:  # window complete
+                if not _all_finite(acc[:, : w.numel]):
+                    raise _non_finite(read, w, weights, name_of)
                 _write(files, acc, w, copied, out_bufs)
                 copied = {}
     finally:
@@ -219,6 +228,43 @@ def _batches(windows: Sequence[Window], n_in: int, group: int) -> Iterator[tuple
     for w in windows:
         for first in range(0, n_in, group):
             yield w, first, min(group, n_in - first)
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether every element is finite, without a temporary the size of ``values``.
+
+    A row's sum is NaN or infinite whenever one of its elements is, so finite sums
+    settle it; only sums that overflow are checked again, element by element, a tile
+    at a time.
+    """
+    if bool(values.sum(dim=1).isfinite().all()):
+        return True
+    return all(
+        bool(values[:, a : a + TILE].isfinite().all()) for a in range(0, values.shape[1], TILE)
+    )
+
+
+def _non_finite(
+    read: Reader, w: Window, weights: Sequence[Sequence[float]], name_of: Callable[[int, int], str]
+) -> NonFiniteError:
+    """The error for window ``w``: which input's averaged bytes hold a NaN or infinity."""
+    data = torch.empty(1, w.size + 8, dtype=torch.uint8)
+    row = data[:, w.offset % 8 : w.offset % 8 + w.size]
+    for i in range(len(weights)):
+        read(i, w.offset, row[0].numpy().data)
+        for r in w.runs:
+            bad = (~_typed(row, r.start, r.stop, r.dtype).isfinite()).nonzero()
+            if r.acc >= 0 and len(bad):
+                offset = w.offset + r.start + int(bad[0, 1]) * r.dtype.itemsize
+                return NonFiniteError(
+                    f"{name_of(i, offset)} holds a NaN or an infinity; the outputs would not "
+                    "be finite, so none was written. Leave that snapshot out (move it out of "
+                    "the store) or pick a target that does not use it"
+                )
+    return NonFiniteError(  # finite inputs whose weighted sum overflows
+        f"the weighted sum overflows near {name_of(0, w.offset)}; the outputs would not be "
+        "finite, so none was written"
+    )
 
 
 def _typed(data: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:

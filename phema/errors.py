@@ -12,6 +12,7 @@ __all__ = [
     "ExistsError",
     "FormatError",
     "IllPosedWarning",
+    "NonFiniteError",
     "OptionError",
     "PhemaError",
     "ProfileError",
@@ -48,6 +49,10 @@ class StateError(PhemaError, ValueError):
 
 class FormatError(PhemaError, ValueError):
     """A snapshot file is not a valid safetensors file of the expected layout."""
+
+
+class NonFiniteError(PhemaError, ValueError):
+    """A snapshot holds NaN or infinite values, so a reconstruction from it would too."""
 
 
 class StorageError(PhemaError, OSError):

@@ -44,6 +44,8 @@ __all__ = [
 
 #: Largest valid std: the uniform average (gamma = 0) has std sqrt(1/12).
 STD_MAX: float = math.sqrt(1.0 / 12.0)
+#: Smallest std accepted: its exponent (about std^-2) stays far inside float range.
+STD_MIN: float = 1e-100
 
 Float64Array = NDArray[np.float64]
 
@@ -57,14 +59,16 @@ def _finite_array(value: ArrayLike, name: str) -> Float64Array:
 
 
 def _check_std(std: Float64Array) -> None:
-    bad = (std <= 0.0) | (std > STD_MAX)
+    bad = (std < STD_MIN) | (std > STD_MAX)
     if not bad.any():
         return
     values = std[bad].ravel()[:5].tolist()
     hint = ""
     if np.any((std[bad] > 1.0) & (std[bad] <= 100.0 * STD_MAX)):
         hint = "; did you pass a percentage (e.g. 5) instead of a fraction (0.05)?"
-    raise ProfileError(f"std (sigma_rel) must be in (0, {STD_MAX:.6f}], got {values}{hint}")
+    raise ProfileError(
+        f"std (sigma_rel) must be in [{STD_MIN:g}, {STD_MAX:.6f}], got {values}{hint}"
+    )
 
 
 def gamma_to_sigma_rel(gamma: ArrayLike) -> Float64Array:

@@ -21,6 +21,7 @@ buffers, integer counters) are taken from the latest snapshot used.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +39,7 @@ from phema._stream import Window, plan_windows, stream
 from phema.errors import ExistsError, OptionError, PhemaError, StorageError
 from phema.format import FORMAT_VERSION, TensorInfo, check_storage_dtype, encode_header
 from phema.shards import read_logical, verify_shards
-from phema.solver import Fit, fit_profiles
+from phema.solver import TIME_RTOL, Fit, fit_profiles
 from phema.store import SnapshotInfo, SnapshotStore, check_layouts, snapshot_name
 from phema.targets import PowerProfile, power_density
 
@@ -74,6 +75,15 @@ class Plan:
     fits: tuple[Fit, ...]
     t: float
     stds: tuple[float, ...]
+    #: Snapshots the solver weighted, but too little to change the outputs (not read).
+    skipped: list[SnapshotInfo] = field(default_factory=list)
+    #: Time of the store's latest snapshot (``t`` may be before or after it).
+    last_t: float = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        """The output file names, one per std: ``phema-ema-<t>-<std>.safetensors``."""
+        return [snapshot_name(self.t, s).replace("phema-", "phema-ema-", 1) for s in self.stds]
 
     @property
     def bytes_to_read(self) -> int:
@@ -100,31 +110,75 @@ def plan(
     *,
     at: float | None = None,
     constraint: Literal["rescale", "exact"] = "rescale",
+    dtype: torch.dtype = torch.float32,
+    after_last: bool = True,
 ) -> Plan:
     """List the store, check layouts, solve for the coefficients of each std at ``at``.
 
-    The shards of every sharded snapshot the plan uses are checked (their headers read,
-    several at once) and pinned, so a missing or foreign shard fails here, named.
+    With ``after_last=False`` an ``at`` after the latest snapshot is refused
+    (:class:`~phema.errors.OptionError`) before solving: no snapshot covers the end
+    of such a profile, so every fit is poor.
+
+    Snapshots whose coefficients cannot change outputs stored in ``dtype`` are left
+    out and not read (:func:`negligible`: e.g. a target equal to a stored profile reads
+    that one snapshot). The shards of every sharded snapshot the plan uses are checked
+    (their headers read, several at once) and pinned, so a missing or foreign shard
+    fails here, named.
     """
     infos = store.list()
     if not infos:
         raise StorageError(f"{store.url} holds no snapshots")
     check_layouts(infos)
-    t = max(i.t for i in infos) if at is None else float(at)
+    last = max(i.t for i in infos)
+    t = last if at is None else float(at)
+    if not after_last and t > last * (1 + TIME_RTOL):
+        raise OptionError(
+            f"at={t:g} is after the last snapshot (t={last:g}) of {store.url}: nothing "
+            "covers the end of the profile, so every fit is poor; pass after_last=True to "
+            "accept it"
+        )
     targets = [PowerProfile(t, s) for s in stds]
     solution = fit_profiles(
         [i.t for i in infos], [i.std for i in infos], targets, constraint=constraint
     )
-    used = [r for r in range(len(infos)) if any(solution.weights[r] != 0.0)]
+    weights = drop_negligible(solution.weights, dtype)
+    used = [r for r in range(len(infos)) if any(weights[r] != 0.0)]
+    skipped = [infos[r] for r in range(len(infos)) if r not in used and solution.weights[r].any()]
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="phema-verify") as pool:
         inputs = list(pool.map(lambda r: verify_shards(store, infos[r]), used))  # shard headers
     return Plan(
         inputs,
-        [[float(w) for w in solution.weights[r]] for r in used],
+        [[float(w) for w in weights[r]] for r in used],
         solution.fits,
         t,
         tuple(float(x) for x in stds),
+        skipped,
+        last,
     )
+
+
+def drop_negligible(weights: NDArray[np.float64], dtype: torch.dtype) -> NDArray[np.float64]:
+    r"""``weights`` ``[inputs, outputs]`` without the terms too small to change an output.
+
+    For output :math:`j` with coefficients :math:`c_{ij}` (summing to 1) and L1 norm
+    :math:`L_j`, the smallest coefficients are zeroed while their magnitudes sum to at
+    most :math:`u / (4 (L_j + 1))`, :math:`u` the unit roundoff of ``dtype`` (2^-24
+    for float32), and the rest are rescaled to sum to 1 again. Every output element
+    then moves by at most :math:`u/4 \cdot \max_i |\theta_i|`: a quarter of the
+    rounding the output's own storage (and the sum in that precision) commits. An
+    input zeroed in every output is not read at all.
+    """
+    u = torch.finfo(dtype).eps / 2
+    out = np.array(weights, dtype=np.float64)
+    for j in range(out.shape[1]):
+        col = out[:, j]
+        budget = u / (4.0 * (np.abs(col).sum() + 1.0))
+        order = np.argsort(np.abs(col), kind="stable")
+        small = order[np.cumsum(np.abs(col[order])) <= budget]
+        if small.size and small.size < col.size:
+            col[small] = 0.0
+            col /= col.sum()
+    return out
 
 
 def reconstruct(
@@ -179,9 +233,11 @@ def reconstruct(
     if parallel:  # a rank that cannot plan must not leave the others waiting
         from phema._parallel import parallel_plan
 
-        the_plan = parallel_plan(lambda: plan(src_store, stds, at=at, constraint=constraint))
+        the_plan = parallel_plan(
+            lambda: plan(src_store, stds, at=at, constraint=constraint, dtype=dtype)
+        )
     else:
-        the_plan = plan(src_store, stds, at=at, constraint=constraint)
+        the_plan = plan(src_store, stds, at=at, constraint=constraint, dtype=dtype)
     return write_plan(
         the_plan,
         src_store,
@@ -246,6 +302,7 @@ def write_plan(
             files,
             max_inflight=max_inflight,
             progress=progress,
+            name_of=job.where,
         )
     return job.results
 
@@ -263,6 +320,14 @@ class Job:
     layout: tuple[TensorInfo, ...] = ()  # the inputs' (logical) layout
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)  # out
     metas: list[dict[str, str]] = field(default_factory=list)  # each output's metadata
+    sources: list[str] = field(default_factory=list)  # the inputs' URLs, for errors
+
+    def where(self, i: int, offset: int) -> str:
+        """Input ``i``'s URL and the tensor holding its logical data byte ``offset``."""
+        k = bisect.bisect_right(self.layout, offset, key=lambda ti: ti.begin) - 1
+        info = self.layout[max(k, 0)]
+        element = (offset - info.begin) // info.dtype.itemsize
+        return f"{self.sources[i]}: tensor {info.name!r} (element {element})"
 
 
 def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window_bytes: int) -> Job:
@@ -276,7 +341,7 @@ def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window
         ti.name: dtype if ti.name not in copied and ti.dtype.is_floating_point else ti.dtype
         for ti in layout
     }
-    names = [snapshot_name(the_plan.t, s).replace("phema-", "phema-ema-", 1) for s in stds]
+    names = the_plan.names
     results = []
     headers = []
     metas = []
@@ -303,7 +368,8 @@ def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window
         )
     averaged = {ti.name for ti in layout if ti.name not in copied and ti.dtype.is_floating_point}
     windows = plan_windows(layout, averaged, out_dtype, window_bytes)
-    return Job(names, headers, results, windows, weights, latest, layout, specs, metas)
+    sources = [i.url for i in inputs]
+    return Job(names, headers, results, windows, weights, latest, layout, specs, metas, sources)
 
 
 def _check_options(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import Tensor
 
+from phema import _json
 from phema.errors import FormatError, PhemaError, StorageError
 from phema.format import Header, encode_header, fill_file, layout_hash
 
@@ -171,6 +173,17 @@ def encode_manifest(
     return prefix
 
 
+#: A shard's name as manifests record it: a file two folders down in the store.
+_SHARD_NAME = re.compile(rf"{SHARD_FOLDER}/[A-Za-z0-9._=+-]+/[A-Za-z0-9._=+-]+\.safetensors")
+
+
+def _tree(meta: Mapping[str, str], key: str, where: str) -> object:
+    """The JSON value of metadata ``key``, strictly parsed."""
+    if key not in meta:
+        raise FormatError(f"{where} lacks {key}")
+    return _json.loads(meta[key], f"{where}: {key}")
+
+
 def parse_manifest(
     header: Header, source: str
 ) -> tuple[Header, tuple[Shard, ...], tuple[Segment, ...]]:
@@ -183,23 +196,42 @@ def parse_manifest(
     from phema.format import _FROM_NAME
 
     meta = header.metadata
-    try:
-        specs = [
-            (str(n), _FROM_NAME[d], tuple(int(x) for x in s))
-            for n, d, s in json.loads(meta["phema.tensors"])
-        ]
-        shards = tuple(
-            Shard(
-                str(s["name"]),
-                int(s["size"]),
-                int(s["data_start"]),
-                tuple(ShardPiece(str(n), int(b), int(e), int(o)) for n, b, e, o in s["pieces"]),
+    where = f"{source}: sharded manifest"
+    specs = []
+    for entry in _json.array(_tree(meta, "phema.tensors", where), f"{where}: phema.tensors"):
+        if not (isinstance(entry, list) and len(entry) == 3 and entry[1] in _FROM_NAME):
+            raise FormatError(
+                f"{where}: tensor entry {_json.short(entry)} is not [name, dtype, shape]"
             )
-            for s in json.loads(meta["phema.shards"])
+        name, dtype, shape = entry
+        dims = tuple(
+            _json.uint(x, f"{where}: shape of {_json.short(name)}")
+            for x in _json.array(shape, where)
         )
-        _, logical = encode_header(specs, {}, keep_order=True)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise FormatError(f"{source}: sharded snapshot manifest is malformed ({exc})") from None
+        specs.append((_json.text(name, f"{where}: tensor name"), _FROM_NAME[dtype], dims))
+    shards = []
+    for rec in _json.array(_tree(meta, "phema.shards", where), f"{where}: phema.shards"):
+        rec = _json.obj(rec, f"{where}: shard record")
+        missing = {"name", "size", "data_start", "pieces"} - rec.keys()
+        if missing:
+            raise FormatError(f"{where}: a shard record lacks {sorted(missing)}")
+        name = _json.text(rec["name"], f"{where}: shard name")
+        if not _SHARD_NAME.fullmatch(name) or ".." in name:
+            raise FormatError(
+                f"{where}: shard name {_json.short(name)} is not of the form "
+                f"{SHARD_FOLDER}/<stem>/<id>-<rank>.safetensors inside the store"
+            )
+        pieces = []
+        for piece in _json.array(rec["pieces"], f"{where}: pieces of {name}"):
+            if not (isinstance(piece, list) and len(piece) == 4):
+                raise FormatError(f"{where}: piece {_json.short(piece)} of {name} is malformed")
+            n, *nums = piece
+            b, e, o = (_json.uint(x, f"{where}: piece of {name}") for x in nums)
+            pieces.append(ShardPiece(_json.text(n, f"{where}: piece name"), b, e, o))
+        size = _json.uint(rec["size"], f"{where}: size of {name}")
+        data_start = _json.uint(rec["data_start"], f"{where}: data_start of {name}")
+        shards.append(Shard(name, size, data_start, tuple(pieces)))
+    _, logical = encode_header(specs, {}, keep_order=True)
     logical = Header(logical.tensors, meta, 0)
     by_name = {t.name: t for t in logical.tensors}
     segments = []
@@ -223,7 +255,7 @@ def parse_manifest(
         pos = seg.stop
     if pos != logical.data_bytes:
         raise FormatError(f"{source}: its shards cover {pos} of {logical.data_bytes} bytes")
-    return logical, shards, tuple(segments)
+    return logical, tuple(shards), tuple(segments)
 
 
 def verify_shards(store: SnapshotStore, info: Info) -> Info:

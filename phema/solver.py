@@ -20,6 +20,11 @@ are then made to sum to one, so that the result is an average of snapshots:
     \begin{pmatrix} c \\ \mu \end{pmatrix}
     = \begin{pmatrix} b \\ 1 \end{pmatrix}.
 
+Times enter only through ratios (the inner products are homogeneous of degree
+:math:`-1` in time), so each target's system is built in units of its own age
+:math:`t`; the coefficients are the same and no time near the float limits over-
+or underflows.
+
 Because an EMA applied to a piecewise-constant trajectory is exactly
 :math:`\int p(\tau)\theta(\tau)\,d\tau`, the reconstruction error of every
 parameter is bounded by Cauchy-Schwarz:
@@ -170,7 +175,9 @@ def fit_profiles(
     for j, target in enumerate(targets):
         by_time.setdefault(target.t, []).append(j)
     for t_out, cols in by_time.items():
-        used = np.flatnonzero((times > 0) & (times <= t_out * (1.0 + TIME_RTOL)))
+        # A time so far below t_out that t_i / t_out underflows to 0 holds, at this
+        # scale, the initial weights: like t_i = 0, it has no profile to fit with.
+        used = np.flatnonzero((times / t_out > 0) & (times <= t_out * (1.0 + TIME_RTOL)))
         if used.size == 0:
             positive = times[times > 0]
             first = f"the earliest is at t={positive.min():g}" if positive.size else "all at t=0"
@@ -178,14 +185,22 @@ def fit_profiles(
                 f"no snapshot with 0 < t <= {t_out:g} to build the target from ({first}); "
                 "pick a target time at or after a snapshot"
             )
-        t_u, g_u = times[used], gammas[used]
+        # In units of t_out every time lies in (0, 1]: inner products scale as 1/unit
+        # and the coefficients not at all, so no time (1e308, 1e-300) over- or underflows.
+        t_u, g_u = times[used] / t_out, gammas[used]
+        scaled = [targets[j].scaled(t_out) for j in cols]
         gram = power_inner(t_u[:, None], g_u[:, None], t_u[None, :], g_u[None, :])
-        rhs = np.stack([targets[j].inner(t_u, g_u) for j in cols], axis=1)
+        rhs = np.stack([target.inner(t_u, g_u) for target in scaled], axis=1)
+        if not (np.isfinite(gram).all() and np.isfinite(rhs).all()):
+            raise SolverError(
+                f"the snapshots up to t={t_out:g} span too many orders of magnitude in time "
+                f"(earliest t={times[used].min():g}) to be combined in float64"
+            )
         coef = _solve(gram, rhs, constraint, t_out)
         cond = float(np.linalg.cond(gram))
         for col, j in enumerate(cols):
             c, b = coef[:, col], rhs[:, col]
-            qq = targets[j].norm2()
+            qq = scaled[col].norm2()
             resid2 = qq - 2.0 * float(c @ b) + float(c @ gram @ c)
             rel = math.sqrt(max(resid2, 0.0) / qq)
             weights[used, j] = c

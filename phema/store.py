@@ -44,9 +44,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
@@ -55,7 +54,17 @@ import torch
 from torch import Tensor
 
 from phema._backends import Backend, Staged, backend_for, protocols
+from phema._listing import (
+    Listed,
+    Problem,
+    ReconstructionInfo,
+    Scan,
+    SnapshotInfo,
+    check_layouts,
+    scan_files,
+)
 from phema._local import fsync_dir, link_noreplace, temp_name
+from phema._meta import gamma_disagrees
 from phema._s3 import bound_calls, s3_options
 from phema.errors import (
     ExistsError,
@@ -74,7 +83,7 @@ from phema.format import (
     parse_header_length,
 )
 from phema.hub import HubBackend, HubBatch
-from phema.shards import SHARD_FOLDER, Segment, Shard, parse_manifest, read_logical, verify_shards
+from phema.shards import SHARD_FOLDER, read_logical, verify_shards
 
 __all__ = [
     "ReconstructionInfo",
@@ -93,48 +102,6 @@ SUFFIX = ".safetensors"
 HEADER_PROBE = 8
 
 
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """One snapshot file as listed: where it is, what it holds, and its parsed header."""
-
-    path: str
-    url: str
-    t: float
-    std: float
-    gamma: float
-    t_unit: str
-    step: int | None
-    layout: str
-    size: int
-    copied: tuple[str, ...]
-    header: Header
-    identity: str = ""  # the version listed (see phema._backends); "" = not pinned
-    shards: tuple[Shard, ...] = ()  # a sharded snapshot's shard files (phema.shards)
-    segments: tuple[Segment, ...] = ()  # where its logical bytes lie in them
-
-
-#: One file as listed: ``(path, url, size, parsed header, identity)``.
-_Listed = tuple[str, str, int, Header, str]
-
-
-@dataclass(frozen=True)
-class ReconstructionInfo:
-    """One output of :func:`phema.reconstruct` as listed: its target and how it was made."""
-
-    path: str
-    url: str
-    t: float
-    std: float
-    t_unit: str
-    size: int
-    coefficients: dict[str, float]  # input file name -> coefficient
-    fit: dict[str, float]  # rel_error, l1_norm, condition
-    header: Header | None = None  # its (logical) header: SnapshotStore.load reads it
-    identity: str = ""
-    shards: tuple[Shard, ...] = ()  # sharded outputs (reconstruct(..., sharded=True))
-    segments: tuple[Segment, ...] = ()
-
-
 def snapshot_metadata(
     tensors: Mapping[str, Tensor] | Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
     *,
@@ -145,7 +112,20 @@ def snapshot_metadata(
     step: int | None,
     copied: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """The ``__metadata__`` of a snapshot of ``tensors`` (see the module docstring)."""
+    """The ``__metadata__`` of a snapshot of ``tensors`` (see the module docstring).
+
+    Raises:
+        ProfileError: If ``gamma`` is not the exponent of ``std`` (readers refuse such
+            a file), or ``t`` is not finite and ``>= 0``.
+    """
+    expected = gamma_disagrees(float(std), float(gamma))
+    if expected is not None:
+        raise ProfileError(
+            f"gamma={gamma!r} is not the exponent of std={std!r} ({expected!r}); pass "
+            "gamma=phema.sigma_rel_to_gamma(std)"
+        )
+    if not (math.isfinite(t) and t >= 0):
+        raise ProfileError(f"snapshot time t must be finite and >= 0, got {t!r}")
     specs = (
         [(n, v.dtype, tuple(v.shape)) for n, v in tensors.items()]
         if isinstance(tensors, Mapping)
@@ -165,27 +145,38 @@ def snapshot_metadata(
 
 
 def _token(x: float, what: str) -> str:
-    """A decimal spelling of ``x`` that reads back as exactly ``x``, with no ``-`` in it."""
+    """A decimal spelling of ``x`` that reads back as exactly ``x``, with no ``-`` in it.
+
+    Positional (``1234.5``) while that takes at most 40 characters, else scientific
+    with ``m`` for the exponent's minus (``1e+300``, ``5em324``): the two never
+    coincide, as only the second holds an ``e``.
+    """
     x = float(x)
     if not math.isfinite(x) or x < 0:
         raise ProfileError(f"{what} must be finite and >= 0 to name a snapshot, got {x!r}")
-    return np.format_float_positional(x, unique=True, trim="-")
+    spelled = np.format_float_positional(x, unique=True, trim="-")
+    if len(spelled) <= 40:
+        return spelled
+    return np.format_float_scientific(x, unique=True, trim="-").replace("-", "m")
 
 
 def snapshot_name(t: float, std: float) -> str:
     """``phema-000000004096-0.0500.safetensors``: sortable by time, then std; injective.
 
-    An integral ``t`` is written with 12 digits (more when needed), any other ``t`` in
-    the shortest decimal that reads back exactly (``1234.5``). ``std`` is written with 4
-    decimals when that reads back exactly (``0.0500``), else in its shortest exact
-    decimal (``0.10004``). Both tokens read back as exactly ``(t, std)`` and neither holds
-    a ``-``, so two different ``(t, std)`` never share a name.
+    An integral ``t`` below ``1e40`` is written with 12 digits (more when needed), any
+    other ``t`` in the shortest decimal that reads back exactly (``1234.5``; scientific,
+    with ``m`` for a minus sign, past 40 characters: ``1e+300``, ``5em324``). ``std``
+    is written with 4 decimals when that reads back exactly (``0.0500``), else in its
+    shortest exact decimal (``0.10004``). Both tokens read back as exactly
+    ``(t, std)`` and neither holds a ``-``, so two different ``(t, std)`` never share
+    a name.
     """
     t, std = float(t), float(std)
     t_token = _token(t, "t")
-    if t.is_integer():
+    if t.is_integer() and t < 1e40:
         t_token = f"{int(t):012d}"
-    std_token = f"{std:.4f}" if math.isfinite(std) and float(f"{std:.4f}") == std else None
+    four = f"{std:.4f}" if math.isfinite(std) else ""
+    std_token = four if four and len(four) <= 40 and float(four) == std else None
     return f"phema-{t_token}-{std_token or _token(std, 'std')}{SUFFIX}"
 
 
@@ -256,8 +247,19 @@ class SnapshotStore:
         return f"{self.root.rstrip('/')}/{name}"
 
     def exists(self, name: str) -> bool:
-        """Whether file ``name`` is in the store (or waiting for its Hub commit)."""
-        return self.backend.exists(self.path_of(name))
+        """Whether file ``name`` is in the store (or waiting for its Hub commit).
+
+        Raises:
+            StorageError: If the store cannot be reached, naming it.
+        """
+        try:
+            return self.backend.exists(self.path_of(name))
+        except PhemaError:
+            raise
+        except Exception as exc:  # botocore/httpx errors are not all OSErrors
+            raise StorageError(
+                f"cannot check {self.url.rstrip('/')}/{name}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def write(
         self,
@@ -406,61 +408,41 @@ class SnapshotStore:
         Outputs of :func:`phema.reconstruct` beside them are skipped (see
         :meth:`reconstructions`).
         """
-        return self._snapshots(self._headers())
+        found = self.scan()
+        found.raise_first(skip="output")
+        return found.snapshots
 
     def reconstructions(self) -> builtins.list[ReconstructionInfo]:
         """Every output of :func:`phema.reconstruct` in the folder, sorted by (t, std)."""
-        return self._reconstructions(self._headers())
+        found = self.scan()
+        found.raise_first(skip="snapshot")
+        return found.outputs
 
     def contents(self) -> tuple[builtins.list[SnapshotInfo], builtins.list[ReconstructionInfo]]:
         """:meth:`list` and :meth:`reconstructions` from one read of every header."""
-        headers = builtins.list(self._headers())
-        return self._snapshots(headers), self._reconstructions(headers)
+        found = self.scan()
+        found.raise_first()
+        return found.snapshots, found.outputs
 
-    def _snapshots(self, headers: Iterable[_Listed]) -> builtins.list[SnapshotInfo]:
-        infos = [self._info(*entry) for entry in headers if not _is_output(entry[3])]
-        return sorted(infos, key=lambda i: (i.t, i.std))
+    def scan(self) -> Scan:
+        """Every file of the folder read as a snapshot or an output, or as a problem.
 
-    def _reconstructions(self, headers: Iterable[_Listed]) -> builtins.list[ReconstructionInfo]:
-        found = []
-        for path, source, size, header, identity in headers:
-            meta = header.metadata
-            if not _is_output(header):
-                continue
-            shards: tuple[Shard, ...] = ()
-            segments: tuple[Segment, ...] = ()
-            if meta.get("phema.kind") == "sharded":
-                header, shards, segments = parse_manifest(header, source)
-            try:
-                found.append(
-                    ReconstructionInfo(
-                        path=path,
-                        url=source,
-                        t=float(meta["phema.t"]),
-                        std=float(meta["phema.std"]),
-                        t_unit=meta["phema.t_unit"],
-                        size=size + sum(sh.size for sh in shards),
-                        coefficients=json.loads(meta["phema.coefficients"]),
-                        fit=json.loads(meta["phema.fit"]),
-                        header=header,
-                        identity=identity,
-                        shards=shards,
-                        segments=segments,
-                    )
-                )
-            except (KeyError, ValueError, TypeError) as exc:
-                raise FormatError(
-                    f"{source}: metadata entry is missing or malformed ({exc})"
-                ) from None
-        return sorted(found, key=lambda i: (i.t, i.std))
+        Unlike :meth:`contents` it does not stop at a file that is not a valid phema
+        file: :attr:`Scan.problems` names each such file with its
+        :class:`~phema.errors.FormatError`, and the valid files are listed. Failures to
+        reach the store still raise :class:`~phema.errors.StorageError`.
+        """
+        problems: builtins.list[Problem] = []
+        return scan_files(self._headers(problems), problems)
 
-    def _headers(self) -> Iterator[_Listed]:
+    def _headers(self, problems: builtins.list[Problem]) -> Iterator[Listed]:
         """``(path, url, size, header, identity)`` of every safetensors file in the folder.
 
         Each file's size, header and identity come from one version of it (one ``fstat``
         locally, the ETag of the first GET sent as ``If-Match`` with the second on S3, one
         commit on the Hub). Remote failures
-        (unreachable or stalled servers, timeouts) become :class:`StorageError`.
+        (unreachable or stalled servers, timeouts) become :class:`StorageError`; a file
+        that is not valid safetensors goes to ``problems``.
         """
         try:
             root = self.backend.pin(self.root)
@@ -487,13 +469,17 @@ class SnapshotStore:
                 continue
             source = f"{self.url.rstrip('/')}/{name}"
             try:
-                yield (path, source, *self._read_header(path, source))
+                found = (path, source, *self._read_header(path, source))
             except FileNotFoundError:
                 continue  # removed since the folder was listed
+            except FormatError as exc:
+                problems.append(Problem(source, exc, "file"))
+                continue
             except PhemaError:
                 raise
             except Exception as exc:
                 raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
+            yield found
 
     def _read_header(self, path: str, source: str) -> tuple[int, Header, str]:
         head = self.backend.head(path, HEADER_PROBE)
@@ -504,40 +490,6 @@ class SnapshotStore:
         if len(raw) < n:  # a header longer than the first read
             raw = self.read_range(path, 8, 8 + n, head.identity)
         return head.size, parse_header(raw, source, file_size=head.size), head.identity
-
-    def _info(
-        self, path: str, source: str, size: int, header: Header, identity: str
-    ) -> SnapshotInfo:
-        meta = header.metadata
-        shards: tuple[Shard, ...] = ()
-        segments: tuple[Segment, ...] = ()
-        if meta.get("phema.format") == FORMAT_VERSION and meta.get("phema.kind") == "sharded":
-            header, shards, segments = parse_manifest(header, source)
-        elif meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
-            raise FormatError(
-                f"{source}: not a phema snapshot of format {FORMAT_VERSION} "
-                f"(phema.format={meta.get('phema.format')!r}); move it out of the store"
-            )
-        try:
-            step_text = meta["phema.step"]
-            return SnapshotInfo(
-                path=path,
-                url=source,
-                t=float(meta["phema.t"]),
-                std=float(meta["phema.std"]),
-                gamma=float(meta["phema.gamma"]),
-                t_unit=meta["phema.t_unit"],
-                step=int(step_text) if step_text else None,
-                layout=meta["phema.layout"],
-                size=size + sum(sh.size for sh in shards),
-                copied=tuple(json.loads(meta["phema.copied"])),
-                header=header,
-                identity=identity,
-                shards=shards,
-                segments=segments,
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise FormatError(f"{source}: metadata entry is missing or malformed ({exc})") from None
 
     def load(self, info: SnapshotInfo | ReconstructionInfo) -> dict[str, Tensor]:
         """All tensors of a snapshot or output (data read once; shards verified first)."""
@@ -556,13 +508,6 @@ class SnapshotStore:
         return out
 
 
-def _is_output(header: Header) -> bool:
-    """Whether a listed file is an output of :func:`phema.reconstruct` (whole or sharded)."""
-    meta = header.metadata
-    kind, content = meta.get("phema.kind"), meta.get("phema.content")
-    return kind == "reconstruction" or (kind == "sharded" and content == "reconstruction")
-
-
 @contextmanager
 def atomic_write(path: str, *, overwrite: bool = True) -> Iterator[IO[bytes]]:
     """A local file at ``path`` that appears whole, or not at all.
@@ -575,33 +520,26 @@ def atomic_write(path: str, *, overwrite: bool = True) -> Iterator[IO[bytes]]:
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, temp_name(name))
     try:
-        with open(tmp, "wb") as f:
+        f = open(tmp, "wb")  # noqa: SIM115 (closed below, after the caller's block)
+    except OSError as exc:  # named by the user's path, not the hidden temporary one
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
+        try:
+            if overwrite:
+                os.replace(tmp, path)
+            else:
                 link_noreplace(tmp, path)
-            except FileExistsError:
-                raise ExistsError(
-                    f"{path} exists; it is never overwritten without being asked"
-                ) from None
+        except FileExistsError:
+            raise ExistsError(
+                f"{path} exists; it is never overwritten without being asked"
+            ) from None
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
         fsync_dir(folder or ".")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def check_layouts(infos: list[SnapshotInfo]) -> None:
-    """Raise :class:`StorageError` naming the first file whose layout differs from the rest."""
-    if not infos:
-        return
-    ref = infos[0]
-    for info in infos[1:]:
-        if info.layout != ref.layout or info.header.tensors != ref.header.tensors:
-            raise StorageError(
-                f"{info.url} has tensor layout {info.layout}, but {ref.url} has {ref.layout}: "
-                "the store mixes snapshots of different models or dtypes"
-            )

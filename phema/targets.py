@@ -61,6 +61,10 @@ class PowerProfile:
         """Profile of age ``t`` with exponent ``gamma``."""
         return cls(t, float(gamma_to_sigma_rel(gamma)))
 
+    def scaled(self, unit: float) -> PowerProfile:
+        """The same profile with time counted in units of ``unit`` (age ``t / unit``)."""
+        return PowerProfile(self.t / unit, self.std)
+
     def norm2(self) -> float:
         r""":math:`\|p\|^2 = (\gamma+1)^2 / ((2\gamma+1)\,t)`."""
         g = self.gamma
@@ -106,6 +110,10 @@ class ExponentialProfile:
         if not (math.isfinite(beta) and 0.0 < beta < 1.0):
             raise ProfileError(f"beta must be in (0, 1) (decay per unit of time), got {beta}")
         return cls(t, -math.log(beta))
+
+    def scaled(self, unit: float) -> ExponentialProfile:
+        """The same profile with time counted in units of ``unit`` (age ``t / unit``)."""
+        return ExponentialProfile(self.t / unit, self.rate * unit)
 
     @property
     def half_life(self) -> float:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 import phema
-from phema_cli import demo, store_cmds
+from phema_cli import demo, plan_cmds, store_cmds
+from phema_cli.errors import run_app
 
 app = typer.Typer(
     name="phema",
@@ -18,8 +16,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags as flags, defaults shown, no markup read
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit codes: 1 a failure at run time, 2 an invalid command line. "
+    "PHEMA_DEBUG=1 shows tracebacks.",
 )
-err_console = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -40,59 +41,16 @@ def root(
 
 app.command(name="demo")(demo.demo)
 app.command(name="ls")(store_cmds.ls)
-app.command(name="plan")(store_cmds.plan_cmd)
-app.command(name="reconstruct")(store_cmds.reconstruct_cmd)
+app.command(name="plan")(plan_cmds.plan_cmd)
+app.command(name="reconstruct")(plan_cmds.reconstruct_cmd)
 app.command(name="clean")(store_cmds.clean)
 
 
-def _warn_line(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: object = None,
-    line: str | None = None,
-) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: every expected failure is one line on stderr.
 
-
-# Errors of optional backends, matched by name so that their packages stay optional.
-_CREDENTIAL_HINTS = {
-    "NoCredentialsError": "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile",
-    "PartialCredentialsError": "; set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-}
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the exceptions it was raised from."""
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        cur = cur.__cause__
-    return seen
-
-
-def main() -> None:
-    """Console-script entry: phema and I/O errors become one line on stderr and exit 1.
-
-    Set ``PHEMA_DEBUG=1`` to get the traceback instead.
+    Exit codes: 0 success, 1 a failure at run time (store, network, file), 2 an
+    invalid command line or flag value, 130 interrupted (:mod:`phema_cli.errors`).
+    Set ``PHEMA_DEBUG=1`` to get the traceback instead of the line.
     """
-    warnings.showwarning = _warn_line
-    try:
-        app()
-    except Exception as exc:
-        known = isinstance(exc, phema.PhemaError | OSError)
-        hint = next(
-            (
-                _CREDENTIAL_HINTS[type(e).__name__]
-                for e in _chain(exc)
-                if type(e).__name__ in _CREDENTIAL_HINTS
-            ),
-            None,
-        )
-        if os.environ.get("PHEMA_DEBUG") or not (known or hint):
-            raise
-        err_console.print(f"[bold red]error:[/] {exc}{hint or ''}", highlight=False)
-        err_console.print("(set PHEMA_DEBUG=1 for the traceback)", style="dim", highlight=False)
-        raise SystemExit(1) from None
+    run_app(app, argv, "phema")

@@ -18,13 +18,22 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
 import phema
+from phema_cli.console import note, out_console
 
 STORED_STDS = (0.05, 0.10)
+#: What the demo table's columns mean.
+DEMO_LEGEND = (
+    "post-hoc: the weights reconstructed from snapshots of the stored profiles; tracked: "
+    "the same profile tracked directly while training (the reference); rel. param diff: "
+    "||post-hoc - tracked|| / ||tracked|| over all parameters; bound: the most that "
+    "difference can be, rel. L2 error x ||target profile|| x ||weights over time|| / "
+    "||tracked|| (Cauchy-Schwarz); fit rel. L2 error and L1 norm: the solver's fit (see "
+    "phema plan)."
+)
 TARGET_STDS = (0.03, 0.05, 0.075, 0.10, 0.15, 0.20)
 
 
@@ -152,8 +161,8 @@ def demo(
             f"{r.fit_rel_error:.2e}",
             f"{r.l1_norm:.2f}",
         )
-    console = Console()
-    console.print(table)
+    out_console.print(table)
+    note(DEMO_LEGEND, style="dim")
     for r in rows:
         if r.issues:
-            console.print(f"note, std {r.std:.3f}: {'; '.join(r.issues)}", highlight=False)
+            note(f"note, std {r.std:.3f}: {'; '.join(r.issues)}")

@@ -138,7 +138,7 @@ def test_reconstruct_writes_loadable_outputs(store_dir, tmp_path):
     ("args", "code", "message"),
     [
         (["ls", "/no/such/dir"], 1, "does not exist"),
-        (["plan", "STORE", "--std", "5"], 1, "percentage"),
+        (["plan", "STORE", "--std", "5"], 2, "percentage"),
         (["plan", "STORE", "--std", "a,b"], 2, "comma-separated"),
         (["reconstruct", "STORE", "--std", "0.1"], 2, "--out"),
     ],

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from phema import PowerFunctionEMA, SnapshotStore, SnapshotWriter, StorageError
+from phema.profiles import sigma_rel_to_gamma
 from phema.reconstruct import reconstruct
 
 
@@ -55,7 +56,7 @@ def test_writes_are_batched_into_few_commits(fake_hub, hub_repo):
 def test_pending_files_are_not_listed(fake_hub, hub_repo):
     url = f"{hub_repo}/snapshots"
     store = SnapshotStore(url, hub_batch_files=100)
-    store.save({"w": torch.ones(3)}, t=1.0, std=0.05, gamma=16.97)
+    store.save({"w": torch.ones(3)}, t=1.0, std=0.05, gamma=float(sigma_rel_to_gamma(0.05)))
     assert store.hub.pending == ["phema-000000000001-0.0500.safetensors"]
     assert store.exists("phema-000000000001-0.0500.safetensors")  # no second write of it
     with pytest.raises(StorageError, match="does not exist"):
@@ -148,7 +149,7 @@ def test_commit_without_an_answer_says_it_may_still_land(fake_hub, hub_repo, mon
 
     url = f"{hub_repo}/run"
     store = SnapshotStore(url, hub_batch_files=100)
-    store.save({"w": torch.ones(3)}, t=64.0, std=0.05, gamma=16.97)
+    store.save({"w": torch.ones(3)}, t=64.0, std=0.05, gamma=float(sigma_rel_to_gamma(0.05)))
     store.hub.upload_timeout = 0.5
     real = store.hub._api.create_commit
 

@@ -14,6 +14,7 @@ EXPECTED = {
     "Fit",
     "FormatError",
     "IllPosedWarning",
+    "NonFiniteError",
     "OptionError",
     "PhemaError",
     "PowerFunctionEMA",

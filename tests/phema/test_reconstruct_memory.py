@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from phema import SnapshotStore
+from phema.profiles import sigma_rel_to_gamma
 
 _MEASURE = r"""
 import json, sys, warnings
 from phema import SnapshotStore
+from phema.profiles import sigma_rel_to_gamma
 from phema.reconstruct import plan, write_plan
 
 def status(key):
@@ -49,7 +51,8 @@ def _write_store(url, n_params, n_times):
         "c": (n_params - 3 * (n_params // 4),),
     }
     for k in range(1, n_times + 1):
-        for std, gamma in ((0.05, 16.97), (0.10, 6.94)):
+        for std in (0.05, 0.10):
+            gamma = float(sigma_rel_to_gamma(std))
             tensors = {n: torch.randn(s, generator=gen).half() for n, s in shapes.items()}
             store.save(tensors, t=float(k * 100), std=std, gamma=gamma)
 

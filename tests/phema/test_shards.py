@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from phema import FormatError, SnapshotStore, StorageError
+from phema.profiles import sigma_rel_to_gamma
 from phema.shards import encode_manifest, encode_shard, shard_name
 from phema.store import snapshot_metadata, snapshot_name
 
@@ -21,7 +22,9 @@ TENSORS = {"a": torch.arange(12.0).reshape(4, 3), "b": torch.arange(5, dtype=tor
 def _write(store: SnapshotStore, cuts: dict[str, list[int]], sid: str = "id0001") -> None:
     """One snapshot whose tensor ``n`` is cut at flat elements ``cuts[n]`` into shards."""
     specs = [(n, v.dtype, tuple(v.shape)) for n, v in TENSORS.items()]
-    meta = snapshot_metadata(specs, t=10.0, std=0.1, gamma=6.94, t_unit="steps", step=1)
+    meta = snapshot_metadata(
+        specs, t=10.0, std=0.1, gamma=float(sigma_rel_to_gamma(0.1)), t_unit="steps", step=1
+    )
     name = snapshot_name(10.0, 0.1)
     records = []
     ranks = max(len(c) - 1 for c in cuts.values())
@@ -77,7 +80,11 @@ def _tamper(tmp_path, edit) -> None:
         (lambda s: s[1]["pieces"][0].__setitem__(1, 4), "do not cover"),  # overlap
         (lambda s: s[0]["pieces"][0].__setitem__(0, "zz"), "unknown piece"),
         (lambda s: s[0]["pieces"][0].__setitem__(2, 99), "unknown piece"),  # past the end
-        (lambda s: s[0].pop("size"), "manifest is malformed"),
+        (lambda s: s[0].pop("size"), r"shard record lacks \['size'\]"),
+        (lambda s: s[0].__setitem__("name", "../../etc/passwd"), "not of the form"),
+        (lambda s: s[0].__setitem__("name", "shards/../x/y.safetensors"), "not of the form"),
+        (lambda s: s[0].__setitem__("size", 1.5), "must be an integer"),
+        (lambda s: s[0]["pieces"][0].__setitem__(1, True), "must be an integer"),
     ],
 )
 def test_a_manifest_that_does_not_tile_the_tensors_is_refused(tmp_path, edit, message):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from phema import FormatError, SnapshotStore, StorageError
+from phema.profiles import sigma_rel_to_gamma
 
 NAME = "phema-000000000064-0.0500.safetensors"
 BIG = 12 << 20  # three 5 MiB multipart-upload parts on S3
@@ -20,7 +21,12 @@ BIG = 12 << 20  # three 5 MiB multipart-upload parts on S3
 
 def _store_with_one(url):
     store = SnapshotStore(url)
-    store.save({"w": torch.arange(6, dtype=torch.float32)}, t=64.0, std=0.05, gamma=16.97)
+    store.save(
+        {"w": torch.arange(6, dtype=torch.float32)},
+        t=64.0,
+        std=0.05,
+        gamma=float(sigma_rel_to_gamma(0.05)),
+    )
     store.flush()
     return store
 

@@ -1,0 +1,35 @@
+"""Where the ``phema`` command writes, and how text from users and stores gets there.
+
+Results go to stdout, everything else (progress, notes, warnings, errors) to stderr.
+Text that a user or a store controls (paths, URLs, file names, metadata, error
+messages) is never read as rich markup: ``runs/[red]x`` prints as ``runs/[red]x``.
+:func:`plain` wraps such text for tables; :func:`note` and :func:`error` print
+whole lines without markup, on one line whatever the terminal's width.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.text import Text
+
+__all__ = ["err_console", "error", "note", "out_console", "plain"]
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def plain(value: object) -> Text:
+    """``value`` as literal text for a rich table cell or title."""
+    return Text(str(value))
+
+
+def note(message: str, *, style: str | None = None) -> None:
+    """One literal line on stderr."""
+    err_console.print(Text(message, style=style or ""), soft_wrap=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """``error: <message>`` as one literal line on stderr (line breaks become spaces)."""
+    line = Text("error: ", style="bold red")
+    line.append(" ".join(str(message).split()))
+    err_console.print(line, soft_wrap=True, highlight=False)
