@@ -16,6 +16,11 @@ numbers, strings and plain containers.
   leaves the previous one the latest. Every rank must see the run folder (a shared file
   system, as for the snapshot store). DCP reads its ``.metadata`` file with ``pickle``:
   resume only from run folders you trust, as with any DCP checkpoint.
+
+:func:`save_training_state` and :func:`restore_training_state` move the training loop's
+state (network, Adam, EMA, counters) into and out of these checkpoints whatever the layout
+(one process, DDP or FSDP2): DCP parts reshard onto any number of processes, and a
+one-process file loads into DDP as is and into FSDP2 as a full state.
 """
 
 from __future__ import annotations
@@ -30,9 +35,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from edm2_reference.distributed import World
+from edm2_reference.network import Precond
+from phema import PowerFunctionEMA
 from phema._local import fsync_dir
 from phema.errors import PhemaError
 from phema.store import atomic_write
@@ -43,8 +58,10 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_sharded_parts",
+    "restore_training_state",
     "save_checkpoint",
     "save_sharded_checkpoint",
+    "save_training_state",
     "sharded_folder",
 ]
 
@@ -162,3 +179,95 @@ def load_sharded_parts(path: str, state: dict[str, Any], parts: dict[str, Any]) 
             dcp_load(parts, checkpoint_id=folder)
     except Exception as exc:
         raise CheckpointError(f"{folder}: the parts of {path} cannot be loaded ({exc})") from exc
+
+
+def save_training_state(
+    outdir: str,
+    world: World,
+    net: Precond,
+    optimizer: torch.optim.Optimizer,
+    ema: PowerFunctionEMA,
+    nimg: int,
+    step: int,
+    elapsed: float,
+    expect: dict[str, Any],
+    fsdp: bool,
+) -> None:
+    """Checkpoint the run after ``nimg`` images: ``net``, Adam, ``ema`` and the counters.
+
+    One process writes one file (:func:`save_checkpoint`, ``expect`` as its settings);
+    several write DCP parts and rank 0 the file naming them (:func:`save_sharded_checkpoint`,
+    with the world size and ``fsdp``). Collective when there are several processes.
+    """
+    if world.size == 1:
+        state = {
+            "net": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict(),
+            "nimg": nimg,
+            "step": step,
+            "elapsed": elapsed,
+            "settings": expect,
+        }
+        save_checkpoint(outdir, nimg, state)
+        return
+    meta = {
+        "nimg": nimg,
+        "step": step,
+        "elapsed": elapsed,
+        "settings": expect,
+        "world_size": world.size,
+        "fsdp": fsdp,
+    }
+    save_sharded_checkpoint(outdir, nimg, meta, _parts(net, optimizer, ema))
+
+
+def restore_training_state(
+    path: str,
+    state: dict[str, Any],
+    net: Precond,
+    optimizer: torch.optim.Optimizer,
+    ema: PowerFunctionEMA,
+    fsdp: bool,
+) -> None:
+    """Load the checkpoint ``path`` (content ``state``) into this run, whatever wrote it.
+
+    DCP parts reshard onto any number of processes; a one-process file loads into DDP as
+    is (the partitioned EMA takes each rank's rows) and into FSDP2 as a full state.
+    """
+    if "sharded" in state:
+        parts = _parts(net, optimizer, ema)
+        load_sharded_parts(path, state, parts)
+        set_model_state_dict(net, parts["net"])
+        set_optimizer_state_dict(net, optimizer, parts["optimizer"])
+        ema.load_state_dict(parts["ema"])
+    elif fsdp:
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(net, state["net"], options=full)
+        osd = _by_name(net, state["optimizer"])
+        set_optimizer_state_dict(net, optimizer, osd, options=full)
+        ema.load_state_dict(state["ema"])
+    else:
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+
+
+def _parts(net: Precond, optimizer: torch.optim.Optimizer, ema: PowerFunctionEMA) -> dict[str, Any]:
+    """The states a multi-process checkpoint saves with DCP (sharded or replicated tensors)."""
+    return {
+        "net": get_model_state_dict(net),
+        "optimizer": get_optimizer_state_dict(net, optimizer),
+        "ema": ema.state_dict(),
+    }
+
+
+def _by_name(net: Precond, osd: dict[str, Any]) -> dict[str, Any]:
+    """A ``optimizer.state_dict()`` of ``net.parameters()`` keyed by parameter name (as DCP's)."""
+    names = [n for n, _ in net.named_parameters()]
+    return {
+        "state": {names[int(i)]: s for i, s in osd["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]
+        ],
+    }

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -36,13 +36,20 @@ from phema_cli import console, errors
 __all__ = [
     "PRESET_HELP",
     "CommandError",
+    "DataOpt",
+    "DeviceOpt",
+    "PresetOpt",
+    "UncondOpt",
     "check_preset",
     "count",
+    "count_option",
     "default_device",
     "device",
+    "device_option",
     "err_console",
     "new_app",
     "number",
+    "number_option",
     "out_console",
     "print_error",
     "print_json",
@@ -148,6 +155,50 @@ def device(text: str) -> str:
 def default_device() -> str:
     """``cuda`` where a GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Option declarations: the flags that several commands share, as ``Annotated`` types (the
+# default stays at each command's parameter), and the makers of the common kinds of option.
+
+
+def count_option(lo: int, help: str, *names: str, **kwargs: Any) -> Any:
+    """A ``typer.Option`` of whole numbers ``>= lo`` (:func:`count`), shown as ``<int>``.
+
+    ``names``: the flag's names where not the parameter's; ``kwargs`` go to ``typer.Option``.
+    """
+    return typer.Option(*names, parser=count(lo), metavar="<int>", help=help, **kwargs)
+
+
+def number_option(help: str, lo: float | None = None, **kwargs: Any) -> Any:
+    """A ``typer.Option`` of finite numbers ``>= lo`` (:func:`number`), shown as ``<float>``."""
+    return typer.Option(parser=number(lo), metavar="<float>", help=help, **kwargs)
+
+
+def device_option(**kwargs: Any) -> Any:
+    """The ``--device`` option (:func:`device`); ``kwargs`` go to ``typer.Option``."""
+    return typer.Option(parser=device, metavar="<device>", help="Torch device.", **kwargs)
+
+
+PresetOpt = Annotated[str, typer.Option(callback=check_preset, help=PRESET_HELP)]
+"""``--preset``: a name in :data:`~edm2_reference.presets.PRESETS`."""
+
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Training data (sets image shape and classes): digits, mnist, or a PNG folder, "
+        "ZIP or .npz.",
+        show_default="the preset's dataset",
+    ),
+]
+"""``--data``: the dataset a network is (or was) trained on; ``None``: the preset's."""
+
+UncondOpt = Annotated[
+    bool, typer.Option("--uncond", help="An unconditional network (trained without class labels).")
+]
+"""``--uncond``: no class labels."""
+
+DeviceOpt = Annotated[str, device_option()]
+"""``--device``: a torch device that exists here."""
 
 
 # Progress and results.

@@ -62,19 +62,10 @@ def _entries(url: str | None, nets: list[str]) -> list[tuple[str, float | None, 
     return entries
 
 
-_HELP = (
-    "Measure sample quality per network: every phema reconstruction in URL (the post-hoc "
-    "EMA curve) and any --net, each sampled with the same seeds and compared with real "
-    "images (FD and KID in the features of a small classifier trained on the data), beside "
-    "the real-vs-real baseline at the same sample count. The table goes to stdout; --json "
-    "prints one JSON object per network instead."
-)
-
-
 app = cli.new_app()
 
 
-@app.command(help=_HELP, epilog=cli.EPILOG)
+@app.command(epilog=cli.EPILOG)
 def command(
     url: Annotated[
         str | None,
@@ -93,28 +84,16 @@ def command(
             show_default=False,
         ),
     ] = None,
-    preset: Annotated[
-        str, typer.Option(callback=cli.check_preset, help=cli.PRESET_HELP)
-    ] = "digits8",
-    data: Annotated[
-        str | None,
-        typer.Option(help="Dataset the nets were trained on.", show_default="the preset's dataset"),
-    ] = None,
-    uncond: Annotated[
-        bool, typer.Option("--uncond", help="The nets were trained without class labels.")
-    ] = False,
+    preset: cli.PresetOpt = "digits8",
+    data: cli.DataOpt = None,
+    uncond: cli.UncondOpt = False,
     n: Annotated[
         int,
-        typer.Option(
-            "--n",
-            parser=cli.count(2),
-            metavar="<int>",
-            help="Images per network (and real images per set; the data must hold 2n).",
+        cli.count_option(
+            2, "Images per network (and real images per set; the data must hold 2n).", "--n"
         ),
     ] = 500,
-    steps: Annotated[
-        int, typer.Option(parser=cli.count(1), metavar="<int>", help="Heun sampler steps.")
-    ] = 32,
+    steps: Annotated[int, cli.count_option(1, "Heun sampler steps.")] = 32,
     classifier: Annotated[
         str,
         typer.Option(
@@ -125,11 +104,14 @@ def command(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per network on stdout, no table.")
     ] = False,
-    device: Annotated[
-        str, typer.Option(parser=cli.device, metavar="<device>", help="Torch device.")
-    ] = "cpu",
+    device: cli.DeviceOpt = "cpu",
 ) -> None:
-    """Sample from each network and print FD and KID beside the real-vs-real baseline."""
+    """Measure sample quality per network: every phema reconstruction in URL (the post-hoc
+    EMA curve) and any --net, each sampled with the same seeds and compared with real images
+    (FD and KID in the features of a small classifier trained on the data), beside the
+    real-vs-real baseline at the same sample count. The table goes to stdout; --json prints
+    one JSON object per network instead.
+    """
     if not url and not net:
         raise typer.BadParameter("give a folder of reconstructions (URL) or --net")
     entries = _entries(url, net or [])

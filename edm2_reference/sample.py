@@ -119,18 +119,12 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-_HELP = (
-    "Sample images from a trained network, a phema snapshot or a phema reconstruction "
-    "(Heun sampler) and write them as one PNG grid, an image per seed.\n\n"
-    "The network is built from --preset and the shape and labels of --data, then loaded "
-    "from a .safetensors file (any fsspec URL) or a training-state-*.pt checkpoint."
-)
-
+_DEVICE = cli.default_device()  # --device's default, read once at import
 
 app = cli.new_app()
 
 
-@app.command(help=_HELP, epilog=cli.EPILOG)
+@app.command(epilog=cli.EPILOG)
 def command(
     net: Annotated[
         str,
@@ -144,66 +138,34 @@ def command(
         str | None,
         typer.Option(help="Guiding network for --guidance (same kinds of source)."),
     ] = None,
-    guidance: Annotated[
-        float,
-        typer.Option(parser=cli.number(), metavar="<float>", help="Guidance weight w; 1 is off."),
-    ] = 1.0,
-    preset: Annotated[
-        str, typer.Option(callback=cli.check_preset, help=cli.PRESET_HELP)
-    ] = "digits8",
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Dataset the net was trained on (sets image shape and classes).",
-            show_default="the preset's dataset",
-        ),
-    ] = None,
-    uncond: Annotated[
-        bool, typer.Option("--uncond", help="The net was trained without class labels.")
-    ] = False,
+    guidance: Annotated[float, cli.number_option("Guidance weight w; 1 is off.")] = 1.0,
+    preset: cli.PresetOpt = "digits8",
+    data: cli.DataOpt = None,
+    uncond: cli.UncondOpt = False,
     class_idx: Annotated[
         int | None,
-        typer.Option(
-            "--class",
-            parser=cli.count(0),
-            metavar="<int>",
-            help="Class of every image.",
-            show_default="a random class per seed",
+        cli.count_option(
+            0, "Class of every image.", "--class", show_default="a random class per seed"
         ),
     ] = None,
     seeds: Annotated[
         str, typer.Option(help="One image per seed: a range and/or list, e.g. 0-63 or 1,5,9.")
     ] = "0-63",
-    steps: Annotated[
-        int,
-        typer.Option(
-            parser=cli.count(1), metavar="<int>", help="Sampler steps (2 x steps - 1 calls)."
-        ),
-    ] = 32,
-    churn: Annotated[
-        float,
-        typer.Option(
-            parser=cli.number(0.0), metavar="<float>", help="S_churn; 0 is deterministic."
-        ),
-    ] = 0.0,
+    steps: Annotated[int, cli.count_option(1, "Sampler steps (2 x steps - 1 calls).")] = 32,
+    churn: Annotated[float, cli.number_option("S_churn; 0 is deterministic.", 0.0)] = 0.0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --out.")
     ] = False,
-    scale: Annotated[
-        int,
-        typer.Option(parser=cli.count(1), metavar="<int>", help="Pixel upscaling of the grid."),
-    ] = 4,
-    batch: Annotated[
-        int,
-        typer.Option(
-            parser=cli.count(1), metavar="<int>", help="Images per sampler batch (memory)."
-        ),
-    ] = 64,
-    device: Annotated[
-        str, typer.Option(parser=cli.device, metavar="<device>", help="Torch device.")
-    ] = cli.default_device(),
+    scale: Annotated[int, cli.count_option(1, "Pixel upscaling of the grid.")] = 4,
+    batch: Annotated[int, cli.count_option(1, "Images per sampler batch (memory).")] = 64,
+    device: cli.DeviceOpt = _DEVICE,
 ) -> None:
-    """Sample one image per seed and write the PNG grid."""
+    """Sample images from a trained network, a phema snapshot or a phema reconstruction
+    (Heun sampler) and write them as one PNG grid, an image per seed.
+
+    The network is built from --preset and the shape and labels of --data, then loaded
+    from a .safetensors file (any fsspec URL) or a training-state-*.pt checkpoint.
+    """
     seed_list = _seeds(seeds)
     if guidance != 1.0 and not gnet:
         raise typer.BadParameter(

@@ -20,13 +20,18 @@ images (``nimg``). Every step:
    gains (which ``fully_shard`` cannot shard) stay replicated and their gradients are
    averaged by the loop, and forced weight normalisation is applied to the shards before each
    forward (:func:`edm2_reference.mp.normalize_weights_`), as DDP's forward applies it to the
-   whole weights.
+   whole weights (:mod:`edm2_reference.fsdp`).
 3. A :class:`phema.PowerFunctionEMA` is updated at ``t = nimg`` after the step. One process
    tracks the whole network and writes single-file snapshots; with several, every rank
    tracks its rows (``partition=True`` under DDP, the FSDP2 shards under ``--fsdp``) and
    writes its shard of each snapshot (every ``--snapshot`` images). Checkpoints are written
    every ``--checkpoint`` images and at the end (:mod:`edm2_reference.checkpoint`: one file
    for one process; DCP parts from every rank plus a small file for several).
+
+This module owns the loop (:class:`TrainSettings` in, :class:`TrainResult` out, via
+:func:`train`) and its start, resume, snapshot and status lines. The command line (flags,
+help, the summary) is :mod:`edm2_reference.train_cli`; :func:`main` and :func:`parse_args`
+here call it, so that ``python -m edm2_reference.train`` runs it.
 """
 
 from __future__ import annotations
@@ -34,48 +39,31 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Literal, cast
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import typer
 from rich.console import Console
-from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from edm2_reference import cli
 from edm2_reference.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    load_sharded_parts,
-    save_checkpoint,
-    save_sharded_checkpoint,
+    restore_training_state,
+    save_training_state,
 )
 from edm2_reference.data import ImageDataset, global_order, load_dataset
 from edm2_reference.distributed import World, init_world
+from edm2_reference.fsdp import average_grads, before_sharded_forward, local_part, shard_network
 from edm2_reference.loss import draw_noise, edm2_loss
-from edm2_reference.mp import MPConv, normalize_weights_
-from edm2_reference.network import Block, Precond
+from edm2_reference.network import Precond
 from edm2_reference.presets import TrainingConfig, build_precond, get_preset
 from phema import PowerFunctionEMA, SnapshotWriter
-from phema.errors import PhemaError
-from phema.profiles import sigma_rel_to_gamma
 from phema.store import snapshot_name
 
 __all__ = ["TrainResult", "TrainSettings", "main", "parse_args", "train"]
@@ -190,7 +178,7 @@ def train(
     fsdp = settings.fsdp and world.size > 1
     if settings.fsdp and not fsdp and world.is_main:
         _log(console, "--fsdp: one process, nothing to shard; training unsharded")
-    replicated = _shard(net, world) if fsdp else []
+    replicated = shard_network(net, world) if fsdp else []
     optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=cfg.adam_betas, eps=cfg.adam_eps)
     # Made after fully_shard; with several processes every rank tracks its rows only.
     ema = PowerFunctionEMA(net, stds=cfg.ema_stds, partition=world.size > 1)
@@ -206,7 +194,7 @@ def train(
     resume = latest_checkpoint(settings.outdir)
     if resume is not None:
         state = load_checkpoint(resume, expect)
-        _restore(resume, state, net, optimizer, ema, fsdp)
+        restore_training_state(resume, state, net, optimizer, ema, fsdp)
         nimg, step, elapsed = int(state["nimg"]), int(state["step"]), float(state["elapsed"])
         if world.is_main:
             written_by = int(state.get("world_size", 1))
@@ -285,7 +273,7 @@ def train(
                 labels = dataset.one_hot(idx).to(world.device) if label_dim else None
                 last = r == rounds - 1
                 if fsdp:
-                    _before_sharded_forward(net, sync=last)
+                    before_sharded_forward(net, sync=last)
                 # DDP all-reduces (FSDP2 reduce-scatters) gradients on the last round only.
                 with (
                     ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext(),
@@ -296,10 +284,10 @@ def train(
                 loss.backward()  # type: ignore[no-untyped-call]
                 step_loss += float(per_image.detach().sum())
             if replicated:
-                _average_grads(replicated, world)
+                average_grads(replicated, world)
             for p in net.parameters():
                 if p.grad is not None:
-                    grad = _local(p.grad)
+                    grad = local_part(p.grad)
                     if cfg.loss_scaling != 1.0:
                         grad.div_(cfg.loss_scaling)
                     torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0, out=grad)
@@ -321,7 +309,7 @@ def train(
                 writer.save(ema, step=step)
                 window["snap_s"] += time.perf_counter() - t0
             if _crossed(nimg, cfg.batch_size, cfg.checkpoint_nimg) or nimg >= end:
-                _checkpoint(
+                save_training_state(
                     settings.outdir, world, net, optimizer, ema, nimg, step, elapsed, expect, fsdp
                 )
             if _crossed(nimg, cfg.batch_size, cfg.status_nimg) or nimg >= end:
@@ -334,53 +322,6 @@ def train(
 def _log(console: Console, line: str) -> None:
     """One line as is: no rich markup (paths may hold brackets), no wrapping in logs."""
     console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def _shard(net: Precond, world: World) -> list[nn.Parameter]:
-    """FSDP2: shard every :class:`Block`, then the rest at the root; the params left replicated.
-
-    ``fully_shard`` cannot shard 0-d parameters (the gains): they stay plain tensors on every
-    rank, and the loop averages their gradients itself (:func:`_average_grads`). Forced
-    weight normalisation moves out of the forward, which sees gathered copies of the
-    weights, to :func:`_before_sharded_forward`, which rewrites the shards.
-    """
-    replicated = [p for p in net.parameters() if p.ndim == 0]
-    # The root returns the log-variance as a view; edm2_loss never changes it in place.
-    warnings.filterwarnings(
-        "ignore", message=r"FSDP2-wrapped module \(FSDPPrecond\) returned a view tensor"
-    )
-    for m in net.modules():
-        if isinstance(m, MPConv):
-            m.normalize_in_forward = False
-    mesh = init_device_mesh(world.device.type, (world.size,))
-    ignored = set(replicated)
-    for block in [m for m in net.modules() if isinstance(m, Block)]:
-        fully_shard(block, mesh=mesh, ignored_params=ignored)
-    fully_shard(net, mesh=mesh, ignored_params=ignored)
-    return replicated
-
-
-def _before_sharded_forward(net: Precond, *, sync: bool) -> None:
-    """FSDP2, before each forward: gradient sync on or off, forced weight normalisation."""
-    for m in net.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()  # so that the shards, not gathered copies, are registered (a no-op)
-    cast(FSDPModule, net).set_requires_gradient_sync(sync)
-    normalize_weights_(net)
-
-
-def _average_grads(params: list[nn.Parameter], world: World) -> None:
-    """Average the gradients of replicated parameters over ranks, as DDP does (divide, sum)."""
-    flat = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-    flat.div_(world.size)
-    dist.all_reduce(flat)
-    for p, value in zip(params, flat.unbind(), strict=True):
-        p.grad = value.clone()
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's part of ``t`` (a view of a DTensor's shard), or ``t``."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _snapshot_due(
@@ -410,92 +351,6 @@ def _snapshot_due(
             f"{missing} will be missing (a sharded snapshot is never written twice)",
         )
     return have == 0
-
-
-def _parts(net: Precond, optimizer: torch.optim.Optimizer, ema: PowerFunctionEMA) -> dict[str, Any]:
-    """The states a multi-process checkpoint saves with DCP (sharded or replicated tensors)."""
-    return {
-        "net": get_model_state_dict(net),
-        "optimizer": get_optimizer_state_dict(net, optimizer),
-        "ema": ema.state_dict(),
-    }
-
-
-def _restore(
-    path: str,
-    state: dict[str, Any],
-    net: Precond,
-    optimizer: torch.optim.Optimizer,
-    ema: PowerFunctionEMA,
-    fsdp: bool,
-) -> None:
-    """Load the checkpoint ``path`` (content ``state``) into this run, whatever wrote it.
-
-    DCP parts reshard onto any number of processes; a one-process file loads into DDP as
-    is (the partitioned EMA takes each rank's rows) and into FSDP2 as a full state.
-    """
-    if "sharded" in state:
-        parts = _parts(net, optimizer, ema)
-        load_sharded_parts(path, state, parts)
-        set_model_state_dict(net, parts["net"])
-        set_optimizer_state_dict(net, optimizer, parts["optimizer"])
-        ema.load_state_dict(parts["ema"])
-    elif fsdp:
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(net, state["net"], options=full)
-        osd = _by_name(net, state["optimizer"])
-        set_optimizer_state_dict(net, optimizer, osd, options=full)
-        ema.load_state_dict(state["ema"])
-    else:
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-
-
-def _by_name(net: Precond, osd: dict[str, Any]) -> dict[str, Any]:
-    """A ``optimizer.state_dict()`` of ``net.parameters()`` keyed by parameter name (as DCP's)."""
-    names = [n for n, _ in net.named_parameters()]
-    return {
-        "state": {names[int(i)]: s for i, s in osd["state"].items()},
-        "param_groups": [
-            {**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]
-        ],
-    }
-
-
-def _checkpoint(
-    outdir: str,
-    world: World,
-    net: Precond,
-    optimizer: torch.optim.Optimizer,
-    ema: PowerFunctionEMA,
-    nimg: int,
-    step: int,
-    elapsed: float,
-    expect: dict[str, Any],
-    fsdp: bool,
-) -> None:
-    if world.size == 1:
-        state = {
-            "net": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict(),
-            "nimg": nimg,
-            "step": step,
-            "elapsed": elapsed,
-            "settings": expect,
-        }
-        save_checkpoint(outdir, nimg, state)
-        return
-    meta = {
-        "nimg": nimg,
-        "step": step,
-        "elapsed": elapsed,
-        "settings": expect,
-        "world_size": world.size,
-        "fsdp": fsdp,
-    }
-    save_sharded_checkpoint(outdir, nimg, meta, _parts(net, optimizer, ema))
 
 
 def _status(
@@ -536,288 +391,18 @@ def _status(
     return elapsed
 
 
-_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 1000, "M": 10**6}
-
-
-def _images(text: str) -> int:
-    """``"160Ki"`` -> 163840, ``"2Mi"``, ``"5000"``; ``ValueError`` otherwise."""
-    for suffix, scale in _UNITS.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * scale)
-    return int(text)
-
-
-def _image_count(lo: int) -> Callable[[str], int]:
-    """A flag parser of image counts (``5000``, ``160Ki``, ``2Mi``) ``>= lo``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = _images(str(text).strip())
-        except (ValueError, OverflowError):
-            raise typer.BadParameter(
-                f"{text!r} is not an image count like 5000, 160Ki or 2Mi"
-            ) from None
-        if value < lo:
-            raise typer.BadParameter(f"{text!r} is too small; pass {lo} or more")
-        return value
-
-    return parse
-
-
-def _stds(text: str) -> tuple[float, ...]:
-    """``"0.05,0.1"`` -> ``(0.05, 0.1)``: distinct relative stds that phema can track."""
-    try:
-        stds = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
-    if not stds:
-        raise typer.BadParameter(f"{text!r}: give at least one std, e.g. 0.05,0.1")
-    if len(set(stds)) != len(stds):
-        raise typer.BadParameter(f"{text!r}: the stds repeat")
-    try:
-        sigma_rel_to_gamma(stds)
-    except PhemaError as exc:
-        raise typer.BadParameter(f"{text!r}: {exc}") from None
-    return stds
-
-
-_HELP = (
-    "Train EDM2 Config G with phema streaming post-hoc EMA snapshots; resumable (rerun the "
-    "same command), and runs under torchrun --nproc_per_node=N with the same maths for any "
-    "process count.\n\n"
-    "Times are counted in images (5000, 160Ki = 160 x 1024, 2Mi). Unset hyper-parameters "
-    "take the preset's values. A progress bar with images/s and ETA and a status line every "
-    "--status images go to stderr; the summary goes to stdout."
-)
-
-_IMAGES = "<images>"
-_PRESETS_VALUE = "the preset's"
-
-
-app = cli.new_app()
-
-
-@app.command(help=_HELP, epilog=cli.EPILOG)
-def command(
-    ctx: typer.Context,
-    preset: Annotated[
-        str, typer.Option(callback=cli.check_preset, help=cli.PRESET_HELP)
-    ] = "digits8",
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="digits, mnist, or a PNG folder, ZIP or .npz.",
-            show_default="the preset's dataset",
-        ),
-    ] = None,
-    outdir: Annotated[
-        str, typer.Option(help="Checkpoints and stats.jsonl; a rerun resumes from here.")
-    ] = "runs/edm2",
-    snapshots: Annotated[
-        str | None,
-        typer.Option(
-            help="phema store URL for the EMA snapshots (s3://, hf://, ...).",
-            show_default="OUTDIR/snapshots",
-        ),
-    ] = None,
-    uncond: Annotated[bool, typer.Option("--uncond", help="Train without class labels.")] = False,
-    seed: Annotated[
-        int, typer.Option(parser=cli.count(0), metavar="<int>", help="Seed of everything.")
-    ] = 0,
-    batch: Annotated[
-        int | None,
-        typer.Option(
-            parser=cli.count(1),
-            metavar="<int>",
-            help="Total batch over all processes.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    batch_gpu: Annotated[
-        int | None,
-        typer.Option(
-            parser=cli.count(1),
-            metavar="<int>",
-            help="Per-process images per round (gradient accumulation).",
-            show_default="the per-process batch",
-        ),
-    ] = None,
-    duration: Annotated[
-        int | None,
-        typer.Option(
-            parser=_image_count(1),
-            metavar=_IMAGES,
-            help="Images to train on.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            parser=cli.number(0.0),
-            metavar="<float>",
-            help="Reference learning rate.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    rampup: Annotated[
-        int | None,
-        typer.Option(
-            parser=_image_count(0),
-            metavar=_IMAGES,
-            help="Linear learning-rate warm-up.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    decay_batches: Annotated[
-        int | None,
-        typer.Option(
-            parser=cli.count(1),
-            metavar="<int>",
-            help="Batches before the inverse-square-root decay starts.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    snapshot: Annotated[
-        int | None,
-        typer.Option(
-            parser=_image_count(1),
-            metavar=_IMAGES,
-            help="Images between EMA snapshots.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    checkpoint: Annotated[
-        int | None,
-        typer.Option(
-            parser=_image_count(1),
-            metavar=_IMAGES,
-            help="Images between checkpoints.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    status: Annotated[
-        int | None,
-        typer.Option(
-            parser=_image_count(1),
-            metavar=_IMAGES,
-            help="Images between status lines.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    ema_stds: Annotated[
-        str | None,
-        typer.Option(
-            help="Relative stds of the tracked EMA profiles, e.g. 0.05,0.1.",
-            show_default=_PRESETS_VALUE,
-        ),
-    ] = None,
-    snapshot_dtype: Annotated[
-        Literal["float32", "float16", "bfloat16"], typer.Option(help="Dtype of snapshot files.")
-    ] = "float32",
-    device: Annotated[
-        str | None,
-        typer.Option(
-            parser=cli.device,
-            metavar="<device>",
-            help="Torch device.",
-            show_default="cuda if present, else cpu",
-        ),
-    ] = None,
-    precision: Annotated[
-        Literal["auto", "fp32", "bf16"],
-        typer.Option(help="auto: the preset's fp16 trunk on CUDA, fp32 elsewhere."),
-    ] = "auto",
-    stop_at: Annotated[
-        int | None,
-        typer.Option(
-            parser=_image_count(1),
-            metavar=_IMAGES,
-            help="End this invocation at this image count (resume later).",
-        ),
-    ] = None,
-    fsdp: Annotated[
-        bool,
-        typer.Option(
-            "--fsdp",
-            help="Shard the network with FSDP2 instead of DDP (torchrun, several processes).",
-        ),
-    ] = False,
-) -> None:
-    """Train (or resume) and print a summary."""
-    settings = _settings(ctx.params)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    _check_batch(settings, world_size)
-    if world_size > 1 and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    result = train(settings, show_progress=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        store = settings.snapshots or os.path.join(settings.outdir, "snapshots")
-        typer.echo(
-            f"done at {result.nimg:,} images: {len(result.snapshots)} snapshot files "
-            f"written to {store}, checkpoints and stats.jsonl in {settings.outdir}"
-        )
-
-
-def _settings(params: dict[str, Any]) -> TrainSettings:
-    """Parsed flags -> :class:`TrainSettings`."""
-    stds = params["ema_stds"]
-    return TrainSettings(
-        preset=params["preset"],
-        data=params["data"],
-        outdir=params["outdir"],
-        snapshots=params["snapshots"],
-        cond=not params["uncond"],
-        seed=params["seed"],
-        batch=params["batch"],
-        batch_gpu=params["batch_gpu"],
-        duration=params["duration"],
-        lr=params["lr"],
-        rampup=params["rampup"],
-        decay_batches=params["decay_batches"],
-        snapshot=params["snapshot"],
-        checkpoint=params["checkpoint"],
-        status=params["status"],
-        ema_stds=_stds(stds) if stds is not None else None,
-        snapshot_dtype=params["snapshot_dtype"],
-        device=params["device"],
-        precision=params["precision"],
-        stop_at=params["stop_at"],
-        fsdp=params["fsdp"],
-    )
-
-
-def _check_batch(settings: TrainSettings, world_size: int) -> None:
-    """The batch flags against the process count: ``typer.BadParameter`` (exit 2) if off."""
-    total = settings.training().batch_size
-    if total % world_size:
-        raise typer.BadParameter(
-            f"{total} is not divisible by the {world_size} processes; pass a multiple",
-            param_hint="'--batch'",
-        )
-    per_rank = total // world_size
-    if settings.batch_gpu is not None and per_rank % min(settings.batch_gpu, per_rank):
-        raise typer.BadParameter(
-            f"{settings.batch_gpu} does not divide the per-process batch {per_rank}",
-            param_hint="'--batch-gpu'",
-        )
-
-
 def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
-    """Command-line flags -> :class:`TrainSettings` (``typer.BadParameter`` on bad values)."""
-    command_ = typer.main.get_command(app)
-    args = list(sys.argv[1:] if argv is None else argv)
-    with command_.make_context("python -m edm2_reference.train", args) as ctx:
-        return _settings(ctx.params)
+    """Command-line flags -> :class:`TrainSettings` (:func:`edm2_reference.train_cli.parse_args`)."""
+    from edm2_reference import train_cli  # here: train_cli imports this module
+
+    return train_cli.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m edm2_reference.train`` (``argv`` default: ``sys.argv[1:]``)."""
-    try:
-        cli.run_app(app, argv, "python -m edm2_reference.train")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """Entry point of ``python -m edm2_reference.train``: :func:`edm2_reference.train_cli.main`."""
+    from edm2_reference import train_cli  # here: train_cli imports this module
+
+    train_cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,13 @@ def hub_repo(fake_hub):
     return f"hf://phema-test/run-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["file", "memory", "s3", "hf"])
+# Local servers (moto, the fake Hub) make the remote backends the slow ones.
+_SLOW = pytest.mark.slow
+
+
+@pytest.fixture(
+    params=["file", "memory", pytest.param("s3", marks=_SLOW), pytest.param("hf", marks=_SLOW)]
+)
 def store_root(request, tmp_path):
     """A base URL under which a test may create stores: one run per backend."""
     if request.param == "file":

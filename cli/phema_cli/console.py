@@ -12,7 +12,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
-__all__ = ["err_console", "error", "note", "out_console", "plain"]
+__all__ = ["err_console", "error", "note", "out_console", "plain", "show"]
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -21,6 +21,14 @@ err_console = Console(stderr=True)
 def plain(value: object) -> Text:
     """``value`` as literal text for a rich table cell or title."""
     return Text(str(value))
+
+
+def show(renderable: object) -> None:
+    """A table (or any renderable) on stdout: fitted to a terminal, unfolded in a pipe or file."""
+    if out_console.is_terminal:
+        out_console.print(renderable)
+    else:  # rich would fold names at 80 columns
+        Console(file=out_console.file, width=240).print(renderable)
 
 
 def note(message: str, *, style: str | None = None) -> None:

@@ -13,7 +13,7 @@ import typer
 
 from phema.profiles import STD_MAX, STD_MIN
 
-__all__ = ["JsonOpt", "UrlArg", "check_finite", "parse_stds"]
+__all__ = ["JsonOpt", "UrlArg", "check_count", "check_finite", "parse_stds"]
 
 UrlArg = Annotated[
     str,
@@ -52,11 +52,29 @@ def parse_stds(text: str) -> list[float]:
 
 
 def check_finite(
-    value: float | None, flag: str, *, low: float = 0.0, high: float = math.inf
+    value: float | None,
+    flag: str,
+    *,
+    low: float = 0.0,
+    high: float = math.inf,
+    or_low: bool = False,
 ) -> None:
-    """Exit 2 unless ``value`` is None or a finite number in ``(low, high]``."""
-    if value is not None and not (math.isfinite(value) and low < value <= high):
+    """Exit 2 unless ``value`` is None or a finite number in ``(low, high]``.
+
+    With ``or_low`` the range is ``[low, high]``.
+    """
+    if value is None:
+        return
+    above = value >= low if or_low else value > low
+    if not (math.isfinite(value) and above and value <= high):
         bound = f"at most {high:g}" if math.isfinite(high) else "finite"
         raise typer.BadParameter(
-            f"{value!r} must be a number > {low:g} and {bound}", param_hint=f"'{flag}'"
+            f"{value!r} must be a number {'>=' if or_low else '>'} {low:g} and {bound}",
+            param_hint=f"'{flag}'",
         )
+
+
+def check_count(value: int, flag: str, low: int, high: int) -> None:
+    """Exit 2 unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise typer.BadParameter(f"{value} is not in [{low}, {high}]", param_hint=f"'{flag}'")

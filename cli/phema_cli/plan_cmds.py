@@ -28,8 +28,8 @@ from phema._parallel import parallel_plan
 from phema.errors import OptionError, StorageError
 from phema.reconstruct import WINDOW_BYTES, Plan, plan, write_plan
 from phema.store import SnapshotStore
-from phema_cli.console import err_console, note, out_console, plain
-from phema_cli.options import JsonOpt, UrlArg, check_finite, parse_stds
+from phema_cli.console import err_console, note, out_console, plain, show
+from phema_cli.options import JsonOpt, UrlArg, check_count, check_finite, parse_stds
 from phema_cli.plot import save_plan_plot
 
 StdOpt = Annotated[
@@ -139,7 +139,7 @@ def plan_cmd(
             plain(_top(p, j)),
             plain("; ".join(fit.issues)),
         )
-    out_console.print(table)
+    show(table)
     note(LEGEND, style="dim")
 
 
@@ -170,16 +170,12 @@ def reconstruct_cmd(
     ] = WINDOW_BYTES / (1 << 20),
     inflight: Annotated[
         int,
-        typer.Option(
-            "--inflight", min=1, max=256, help="Reads in flight (and snapshots per summed block)."
-        ),
+        typer.Option("--inflight", help="Reads in flight (and snapshots per summed block)."),
     ] = 8,
     threads: Annotated[
         int,
         typer.Option(
             "--threads",
-            min=0,
-            max=1024,
             help="Torch threads for the arithmetic (reads have their own); 0: torch's.",
         ),
     ] = 1,
@@ -198,6 +194,8 @@ def reconstruct_cmd(
     """
     stds = parse_stds(std)
     check_finite(window_mb, "--window-mb", high=1 << 20)  # up to 1 TiB
+    check_count(inflight, "--inflight", 1, 256)
+    check_count(threads, "--threads", 0, 1024)
     if sharded and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise typer.BadParameter(
             "needs several processes: run under torchrun", param_hint="'--sharded'"

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from phema._listing import ReconstructionInfo, SnapshotInfo, mixing
 from phema.store import SnapshotStore
-from phema_cli.console import error, note, out_console, plain
+from phema_cli.console import error, note, plain, show
 from phema_cli.options import JsonOpt, UrlArg, check_finite
 
 
@@ -106,7 +106,7 @@ def _ls_tables(
                 plain(i.url.rsplit("/", 1)[-1]),
                 style="yellow" if mark else None,
             )
-        out_console.print(table)
+        show(table)
     if outputs:
         plural = "" if len(outputs) == 1 else "s"
         table = Table(title=plain(f"{len(outputs)} reconstruction{plural} in {url}"))
@@ -123,14 +123,14 @@ def _ls_tables(
                 f"{r.size:,}",
                 plain(r.url.rsplit("/", 1)[-1]),
             )
-        out_console.print(table)
+        show(table)
 
 
 def clean(
     url: UrlArg,
     older_than: Annotated[
         float,
-        typer.Option("--older-than", min=0.0, help="Only files untouched for this many minutes."),
+        typer.Option("--older-than", help="Only files untouched for this many minutes."),
     ] = 60.0,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would go; delete nothing.")
@@ -142,7 +142,7 @@ def clean(
     (a bucket lifecycle rule for incomplete multipart uploads removes it), and the Hub
     publishes whole commits only.
     """
-    check_finite(older_than + 1.0, "--older-than")
+    check_finite(older_than, "--older-than", or_low=True)
     store = SnapshotStore(url)
     if not store.is_local:
         raise typer.BadParameter(

@@ -12,6 +12,8 @@ import torch
 
 import phema
 
+pytestmark = pytest.mark.slow  # the console script in subprocesses
+
 
 def _phema(*args):
     exe = shutil.which("phema")

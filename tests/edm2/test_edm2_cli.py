@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from edm2_reference.presets import PRESETS
-from edm2_reference.train import TrainSettings, parse_args, train
-from phema.reconstruct import reconstruct
+from edm2_reference.train import parse_args
+
+pytestmark = pytest.mark.slow  # the commands in subprocesses
 
 COMMANDS = ("train", "sample", "evaluate")
 
@@ -126,25 +127,6 @@ def test_main_takes_argv_and_exits_like_the_command(capsys):
     assert settings.duration == 64 * 1024
     assert settings.ema_stds == (0.05, 0.2)
     assert not settings.cond
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    settings = TrainSettings(
-        preset="digits8",
-        data="digits",
-        outdir=str(out),
-        batch=32,
-        duration=256,
-        rampup=128,
-        snapshot=64,
-        checkpoint=256,
-        status=128,
-    )
-    train(settings)
-    reconstruct(str(out / "snapshots"), [0.07, 0.09], str(out / "ema"))
-    return out
 
 
 @pytest.mark.slow

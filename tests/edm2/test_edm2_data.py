@@ -40,6 +40,7 @@ def test_digits():
     assert torch.bincount(ds.labels).min() >= 174  # 174..183 per class
 
 
+@pytest.mark.slow
 def test_mnist():
     ds = load_dataset("mnist")
     x = ds.images([0, 4999])

@@ -113,6 +113,7 @@ def test_frozen_copy_refuses_training_mode_anywhere(path):
     frozen.train(False)
 
 
+@pytest.mark.slow
 def test_frozen_copy_never_rewrites_even_if_forced_into_training_flags():
     frozen = tiny_precond().frozen_copy()
     frozen.requires_grad_(True)  # undo everything the API lets one undo...

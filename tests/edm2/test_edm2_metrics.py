@@ -160,6 +160,7 @@ def classifier(digits_splits):
     return train_classifier(digits_splits[0], seed=0)
 
 
+@pytest.mark.slow
 def test_classifier_accuracy_on_held_out_digits(classifier, digits_splits):
     # Measured 0.968 (seed 0, 20 epochs, 898 training images); 0.95 leaves room for BLAS
     # differences between machines, not for a broken model (chance is 0.10).
@@ -221,6 +222,7 @@ def test_save_load_and_cache(tmp_path, classifier, digits_splits, monkeypatch):
             changed()
 
 
+@pytest.mark.slow
 def test_report_baseline_is_small_against_noise(classifier, digits_splits):
     held_out = digits_splits[1]
     noise = torch.rand(400, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -231,6 +233,7 @@ def test_report_baseline_is_small_against_noise(classifier, digits_splits):
     assert "real-vs-real" in str(report)
 
 
+@pytest.mark.slow
 def test_report_on_real_images_matches_its_baseline(classifier, digits_splits):
     # Real images the classifier never saw, as "generated": the same distribution as the
     # reference, so FD and KID are of the baseline's size, classes balanced, predictions sure.

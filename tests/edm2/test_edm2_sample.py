@@ -9,30 +9,10 @@ import torch
 from edm2_reference.evaluate import find_reconstructions
 from edm2_reference.mp import FrozenModuleError
 from edm2_reference.sample import NetworkLoadError, load_network, parse_seeds
-from edm2_reference.train import TrainSettings, train
 from phema import SnapshotStore
-from phema.reconstruct import reconstruct
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    settings = TrainSettings(
-        preset="digits8",
-        data="digits",
-        outdir=str(out),
-        batch=32,
-        duration=256,
-        rampup=128,
-        snapshot=64,
-        checkpoint=256,
-        status=128,
-    )
-    train(settings)
-    reconstruct(str(out / "snapshots"), [0.07, 0.09], str(out / "ema"))
-    return out
-
-
+@pytest.mark.slow
 def test_loaded_networks_are_frozen_copies_of_the_files(run):
     store = SnapshotStore(str(run / "snapshots"))
     info = store.list()[-1]
@@ -51,6 +31,7 @@ def test_find_reconstructions_reads_their_stds(run):
     assert all(u.endswith(".safetensors") for _, u in found)
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_a_grid(run, tmp_path):
     (_, src), _ = find_reconstructions(str(run / "ema"))
     png = tmp_path / "grid.png"

@@ -25,6 +25,8 @@ from edm2_reference.train import TrainSettings, _snapshot_due, train
 from phema import SnapshotStore, SnapshotWriter
 from phema.store import snapshot_name
 
+pytestmark = pytest.mark.slow  # training runs, several under torchrun
+
 # A small, fast configuration of the digits8 preset: 64 images per step.
 FAST = {
     "preset": "digits8",

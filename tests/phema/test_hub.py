@@ -141,6 +141,7 @@ def _repo_or_none(fake_hub, url):
     return fake_hub.repos.get(("model", f"{owner}/{name}"))
 
 
+@pytest.mark.slow
 def test_commit_without_an_answer_says_it_may_still_land(fake_hub, hub_repo, monkeypatch):
     # huggingface_hub waits forever by default; phema gives a commit `upload_timeout`
     # seconds and then reports it honestly: it may still land, so it is not "none was

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import phema
 
 EXPECTED = {
@@ -70,6 +72,7 @@ def test_errors_are_also_builtins():
         assert issubclass(cls, phema.PhemaError)
 
 
+@pytest.mark.slow
 def test_import_is_light():
     code = (
         "import sys, phema; "

@@ -21,7 +21,9 @@ from launch import run_torchrun
 from safetensors.torch import load_file
 
 from phema import SnapshotStore, StorageError
-from phema.reconstruct import reconstruct
+from phema.reconstruct import plan, reconstruct
+
+pytestmark = pytest.mark.slow  # torchrun with 2 and 4 processes
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
@@ -155,21 +157,23 @@ def test_a_missing_foreign_or_altered_shard_is_named(trained, tmp_path):
     victim = root / first.shards[1].name
     saved = victim.read_bytes()
     victim.unlink()
+    # The first snapshot's own profile: it alone is read.
+    target = {"stds": [first.std], "at": first.t}
     with pytest.raises(StorageError, match=rf"shard .*{victim.name} is missing"):
-        reconstruct(store, [0.1], str(tmp_path / "o1"))
+        reconstruct(store, out=str(tmp_path / "o1"), **target)
     with pytest.raises(StorageError, match="is missing"):
         store.load(first)
     shutil.copy(root / second.shards[1].name, victim)  # a shard of another snapshot
     with pytest.raises(StorageError, match=rf"{victim.name} belongs to another snapshot"):
-        reconstruct(store, [0.1], str(tmp_path / "o2"))
+        reconstruct(store, out=str(tmp_path / "o2"), **target)
     shutil.copy(root / first.shards[0].name, victim)  # rank 0's shard in rank 1's place
     with pytest.raises(StorageError, match=rf"{victim.name} differs from what its manifest"):
-        reconstruct(store, [0.1], str(tmp_path / "o3"))
+        reconstruct(store, out=str(tmp_path / "o3"), **target)
     victim.write_bytes(saved[:-1])  # truncated
     with pytest.raises(StorageError, match=rf"{victim.name} cannot be read: .*truncated"):
-        reconstruct(store, [0.1], str(tmp_path / "o4"))
+        reconstruct(store, out=str(tmp_path / "o4"), **target)
     victim.write_bytes(saved)
-    reconstruct(store, [0.1], str(tmp_path / "o5"))  # restored: reads again
+    reconstruct(store, out=str(tmp_path / "o5"), **target)  # restored: reads again
     for k in range(1, 5):  # nothing was written by the refused passes
         assert not (tmp_path / f"o{k}").exists() or not any((tmp_path / f"o{k}").iterdir())
 
@@ -228,9 +232,9 @@ def test_reconstruction_by_n_processes_equals_one_and_splits_the_reads(trained, 
     res = results(tmp_path, "reconstruct", n)
     for j, ref in enumerate(one):  # the same files, byte for byte
         assert Path(res[0]["urls"][j]).read_bytes() == Path(ref.path).read_bytes()
-    plan_bytes = sum(i.header.data_bytes for i in SnapshotStore(src).list())
+    plan_bytes = plan(SnapshotStore(src), [0.07, 0.09]).bytes_to_read  # the inputs used
     read = [r["bytes_read"] for r in res]
-    assert sum(read) == plan_bytes  # every byte once, over all ranks
+    assert sum(read) == plan_bytes  # every byte of them once, over all ranks
     # Each rank reads the windows starting in its 1/n of the data: at most 1/n of the
     # bytes plus one window (64 bytes) per snapshot.
     per_snapshot_extra = 64 * len(SnapshotStore(src).list())

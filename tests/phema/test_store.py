@@ -139,6 +139,7 @@ store.write("phema-000000000001-0.0500.safetensors", b"x" * (64 << 20))
 """
 
 
+@pytest.mark.slow
 def test_writer_killed_mid_snapshot_leaves_nothing_visible(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True

@@ -36,6 +36,8 @@ from phema.profiles import sigma_rel_to_gamma
 from phema.reconstruct import plan, reconstruct, write_plan
 from phema.store import snapshot_metadata, snapshot_name
 
+pytestmark = pytest.mark.slow  # racing processes and servers
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -23,6 +23,8 @@ from phema import SnapshotStore, SnapshotWriter, StorageError
 from phema.errors import ExistsError
 from phema.reconstruct import plan, reconstruct, write_plan
 
+pytestmark = pytest.mark.slow  # stalled servers and their timeouts
+
 # -- stalled servers ----------------------------------------------------------------------
 
 

@@ -226,6 +226,7 @@ os._exit(0)  # skip process-group teardown: gloo's worker thread can deadlock at
 """
 
 
+@pytest.mark.slow
 def test_ddp_wrapper_is_unwrapped_and_tracks_the_live_weights():
     # In a subprocess: a process group in the test process would outlive the test.
     out = subprocess.run(
