@@ -199,7 +199,8 @@ def parse_manifest(
     where = f"{source}: sharded manifest"
     specs = []
     for entry in _json.array(_tree(meta, "phema.tensors", where), f"{where}: phema.tensors"):
-        if not (isinstance(entry, list) and len(entry) == 3 and entry[1] in _FROM_NAME):
+        ok = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], str)
+        if not (ok and entry[1] in _FROM_NAME):
             raise FormatError(
                 f"{where}: tensor entry {_json.short(entry)} is not [name, dtype, shape]"
             )
@@ -288,12 +289,17 @@ def verify_shards(store: SnapshotStore, info: Info) -> Info:
                 f"has {snapshot_id!r}){fix}"
             )
         try:
-            ranges = json.loads(header.metadata["phema.pieces"])
+            ranges = _json.obj(_tree(header.metadata, "phema.pieces", url), url)
             pieces = tuple(
-                ShardPiece(t.name, int(ranges[t.name][0]), int(ranges[t.name][1]), t.begin)
+                ShardPiece(
+                    t.name,
+                    _json.uint(ranges[t.name][0], url),
+                    _json.uint(ranges[t.name][1], url),
+                    t.begin,
+                )
                 for t in header.tensors
             )
-        except (KeyError, ValueError, TypeError, IndexError):
+        except (KeyError, TypeError, IndexError, FormatError):
             raise StorageError(f"shard {url} has no valid phema.pieces metadata{fix}") from None
         if size != shard.size or header.data_start != shard.data_start or pieces != shard.pieces:
             raise StorageError(f"shard {url} differs from what its manifest records{fix}")

@@ -108,6 +108,30 @@ def test_a_shard_whose_pieces_differ_from_the_manifest_is_named(tmp_path):
         store.load(info)
 
 
+def _rewrite_meta(path, key, value):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    body = json.loads(raw[8 : 8 + n])
+    body["__metadata__"][key] = value
+    text = json.dumps(body).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def test_malformed_tensor_lists_and_shard_pieces_are_named(tmp_path):
+    store = SnapshotStore(str(tmp_path))
+    _write(store, {"a": [0, 5, 12], "b": [0, 2, 5]})
+    (info,) = store.list()
+    shard = tmp_path / info.shards[0].name
+    _rewrite_meta(shard, "phema.pieces", "[" * 100_000)  # deep nesting in a shard
+    with pytest.raises(StorageError, match=f"{shard.name} has no valid phema.pieces"):
+        store.load(info)
+    manifest = tmp_path / snapshot_name(10.0, 0.1)
+    _rewrite_meta(manifest, "phema.tensors", '[["a", [[1]], [4, 3]]]')  # a list for a dtype
+    with pytest.raises(FormatError, match="is not \\[name, dtype, shape\\]"):
+        store.list()
+
+
 def test_messages_name_shards_by_their_path_in_the_store(tmp_path):
     store = SnapshotStore(str(tmp_path))
     name = "shards/phema-000000000010-0.1000/id0001-00001.safetensors"
