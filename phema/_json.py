@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from phema.errors import FormatError
@@ -127,7 +128,8 @@ def uint(value: Any, where: str) -> int:
 
 def finite(value: Any, where: str) -> float:
     """``value`` as a float if it is a finite JSON number (not a bool)."""
-    if type(value) not in (int, float) or not math.isfinite(value):
+    big = type(value) is int and abs(value) > sys.float_info.max
+    if type(value) not in (int, float) or big or not math.isfinite(value):
         raise FormatError(f"{where} must be a finite number, got {short(value)}")
     return float(value)
 

@@ -82,7 +82,7 @@ class Problem:
     """A file of the folder that is not a valid phema file, and why."""
 
     url: str
-    error: FormatError
+    error: FormatError | StorageError
     kind: Literal["file", "snapshot", "output"]  # what it claimed to be, if it got that far
 
 

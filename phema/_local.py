@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import uuid
 from typing import Any
 
@@ -161,8 +162,18 @@ class LocalBackend(Backend):
         st = os.stat(path)
         return st.st_size, _identity(st)
 
+    def _open_file(self, path: str) -> int:
+        """``path`` opened for reading if it is a regular file (never blocks on a FIFO)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StorageError(
+                f"{self.where(path)} is not a regular file; a store holds files only"
+            )
+        return fd
+
     def head(self, path: str, want: int) -> Head:
-        fd = os.open(path, os.O_RDONLY)
+        fd = self._open_file(path)
         try:
             st = os.fstat(fd)
             data = os.pread(fd, min(want, st.st_size), 0)
@@ -173,7 +184,7 @@ class LocalBackend(Backend):
     def read_into(self, path: str, start: int, out: memoryview, identity: str | None) -> None:
         """One ``preadv`` straight into ``out``, from the version listed (checked by ``fstat``)."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = self._open_file(path)
         except FileNotFoundError:
             raise self.changed(path) from None
         try:

@@ -18,6 +18,7 @@ key, so that listing, planning and reconstruction never fail on it anonymously:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ from phema.profiles import STD_MAX, STD_MIN, sigma_rel_to_gamma
 GAMMA_RTOL = 1e-9
 #: Longest ``phema.t_unit``.
 MAX_UNIT = 64
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_FIT_KEYS = ("rel_error", "l1_norm", "condition")
 
 
 def gamma_disagrees(std: float, gamma: float) -> float | None:
@@ -85,6 +88,15 @@ def _unit(meta: Mapping[str, str], source: str) -> str:
     return unit
 
 
+def _layout(meta: Mapping[str, str], source: str) -> str:
+    layout = _get(meta, "phema.layout", source)
+    if not _HEX16.fullmatch(layout):
+        raise FormatError(
+            f"{source}: metadata phema.layout={_json.short(layout)} is not a 16-digit hex hash"
+        )
+    return layout
+
+
 def snapshot_fields(meta: Mapping[str, str], source: str, names: Collection[str]) -> dict[str, Any]:
     """``t, std, gamma, t_unit, step, layout, copied`` of a snapshot, checked.
 
@@ -121,7 +133,7 @@ def snapshot_fields(meta: Mapping[str, str], source: str, names: Collection[str]
         "gamma": gamma,
         "t_unit": _unit(meta, source),
         "step": int(step_text) if step_text else None,
-        "layout": _get(meta, "phema.layout", source),
+        "layout": _layout(meta, source),
         "copied": tuple(copied),
     }
 
@@ -135,7 +147,7 @@ def output_fields(meta: Mapping[str, str], source: str) -> dict[str, Any]:
     }
     where = f"{source}: metadata phema.fit"
     fit = _json.obj(_json.loads(_get(meta, "phema.fit", source), where), where)
-    for key in ("rel_error", "l1_norm", "condition"):
+    for key in _FIT_KEYS:
         if key not in fit:
             raise FormatError(f"{where} lacks {key}")
     return {
@@ -143,5 +155,5 @@ def output_fields(meta: Mapping[str, str], source: str) -> dict[str, Any]:
         "std": _std(meta, source),
         "t_unit": _unit(meta, source),
         "coefficients": coefficients,
-        "fit": {k: _json.finite(v, f"{where}[{k!r}]") for k, v in fit.items()},
+        "fit": {k: _json.finite(fit[k], f"{where}[{k!r}]") for k in _FIT_KEYS},
     }

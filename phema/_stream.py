@@ -142,13 +142,15 @@ def stream(
     *,
     max_inflight: int,
     progress: Callable[[int], None] | None = None,
-    name_of: Callable[[int, int], str] = lambda i, offset: f"input {i} at byte {offset}",
+    name_of: Callable[[int | None, int], str] = lambda i, offset: f"input {i}, byte {offset}",
 ) -> None:
     """Sum every window over the inputs and append it to every output file.
 
-    A window whose sums are not all finite is not written: the inputs' bytes of that
-    window are read again to find the first one holding a NaN or an infinity, and
-    :class:`~phema.errors.NonFiniteError` names it (``name_of(input, data offset)``).
+    A window whose sums an output dtype cannot hold (NaN, infinity, or beyond its
+    largest value) is not written: the inputs' bytes of that window are read again to
+    find the first one holding a NaN or an infinity, and
+    :class:`~phema.errors.NonFiniteError` names it (``name_of(input, data offset)``),
+    or names the tensor whose sum overflows (``name_of(None, data offset)``).
 
     Args:
         read: Fills a buffer with one input's bytes at a data offset.
@@ -213,8 +215,9 @@ def stream(
                     if r.acc < 0
                 )
             if first + count == n_in:  # window complete
-                if not _all_finite(acc[:, : w.numel]):
-                    raise _non_finite(read, w, weights, name_of)
+                found = _out_of_range(acc, w)
+                if found is not None:
+                    raise _non_finite(read, w, weights, name_of, found)
                 _write(files, acc, w, copied, out_bufs)
                 copied = {}
     finally:
@@ -230,24 +233,36 @@ def _batches(windows: Sequence[Window], n_in: int, group: int) -> Iterator[tuple
             yield w, first, min(group, n_in - first)
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    """Whether every element is finite, without a temporary the size of ``values``.
+def _out_of_range(acc: torch.Tensor, w: Window) -> tuple[Run, int] | None:
+    """The first averaged value of window ``w`` that its output dtype cannot hold, if any.
 
-    A row's sum is NaN or infinite whenever one of its elements is, so finite sums
-    settle it; only sums that overflow are checked again, element by element, a tile
-    at a time.
+    A NaN, an infinity, or a finite sum beyond the output dtype's largest value (it
+    would be stored as an infinity). One ``aminmax`` per run, no temporary the size of
+    the window; only a run that fails is searched, a tile at a time, for its column.
     """
-    if bool(values.sum(dim=1).isfinite().all()):
-        return True
-    return all(
-        bool(values[:, a : a + TILE].isfinite().all()) for a in range(0, values.shape[1], TILE)
-    )
+    for r in w.runs:
+        if r.acc < 0:
+            continue
+        lim = torch.finfo(r.out_dtype).max
+        values = acc[:, r.acc : r.acc + r.numel]
+        lo, hi = torch.aminmax(values)
+        if bool(lo >= -lim) and bool(hi <= lim):  # False for NaN
+            continue
+        for a in range(0, r.numel, TILE):
+            bad = (~(values[:, a : a + TILE].abs() <= lim)).nonzero()
+            if len(bad):
+                return r, a + int(bad[:, 1].min())
+    return None
 
 
 def _non_finite(
-    read: Reader, w: Window, weights: Sequence[Sequence[float]], name_of: Callable[[int, int], str]
+    read: Reader,
+    w: Window,
+    weights: Sequence[Sequence[float]],
+    name_of: Callable[[int | None, int], str],
+    found: tuple[Run, int],
 ) -> NonFiniteError:
-    """The error for window ``w``: which input's averaged bytes hold a NaN or infinity."""
+    """The error for window ``w``: the input holding a NaN or infinity, or the sum's overflow."""
     data = torch.empty(1, w.size + 8, dtype=torch.uint8)
     row = data[:, w.offset % 8 : w.offset % 8 + w.size]
     for i in range(len(weights)):
@@ -261,9 +276,12 @@ def _non_finite(
                     "be finite, so none was written. Leave that snapshot out (move it out of "
                     "the store) or pick a target that does not use it"
                 )
-    return NonFiniteError(  # finite inputs whose weighted sum overflows
-        f"the weighted sum overflows near {name_of(0, w.offset)}; the outputs would not be "
-        "finite, so none was written"
+    run, column = found  # finite inputs whose weighted sum leaves the output's range
+    offset = w.offset + run.start + column * run.dtype.itemsize
+    return NonFiniteError(
+        f"the weighted sum at {name_of(None, offset)} exceeds the largest {run.out_dtype} "
+        "(it would be stored as an infinity), so no output was written; store the outputs "
+        "in a wider dtype"
     )
 
 

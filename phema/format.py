@@ -161,7 +161,11 @@ def encode_header(
     """
     names = [n for n, _, _ in specs]
     if len(set(names)) != len(names):
-        raise FormatError(f"tensor names must be unique, got duplicates in {names}")
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise FormatError(f"tensor names must be unique, got {_json.short(name)} twice")
+            seen.add(name)
     for key, value in metadata.items():
         if not (isinstance(key, str) and isinstance(value, str)):
             raise FormatError(f"metadata must map str to str, got {key!r}: {value!r}")
@@ -245,6 +249,16 @@ def _uint(x: object) -> bool:
     return type(x) is int and 0 <= x < _LIMIT
 
 
+def numel(shape: Sequence[int]) -> int | None:
+    """The product of ``shape``, or None once it reaches 2**64 (stops early: linear time)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= _LIMIT:
+            return None
+    return n
+
+
 def _tensor_info(name: str, entry: object) -> TensorInfo | None:
     """The entry as a :class:`TensorInfo`, or None if any check fails (no message: fast)."""
     if type(entry) is not dict or entry.keys() != _KEYS:
@@ -258,7 +272,8 @@ def _tensor_info(name: str, entry: object) -> TensorInfo | None:
         return None
     dt = _FROM_NAME[dtype]
     begin, end = offsets
-    if end - begin != math.prod(shape) * dt.itemsize:
+    count = numel(shape)
+    if count is None or end - begin != count * dt.itemsize:
         return None
     return TensorInfo(name, dt, tuple(shape), begin, end)
 
@@ -281,8 +296,13 @@ def _entry_error(name: str, entry: object, where: str) -> NoReturn:
         got = _json.short(offsets)
         raise FormatError(f"{where}: data_offsets must be [begin, end], got {got}")
     begin, end = (_json.uint(x, f"{where}: data offset") for x in offsets)
-    need = math.prod(shape) * _FROM_NAME[dtype].itemsize
-    raise FormatError(f"{where} spans {end - begin} bytes, but {dtype} {tuple(shape)} needs {need}")
+    count = numel(shape)
+    if count is None:
+        raise FormatError(f"{where} has shape {_json.short(shape)}: 2**64 elements or more")
+    need = count * _FROM_NAME[dtype].itemsize
+    raise FormatError(
+        f"{where} spans {end - begin} bytes, but {dtype} {_json.short(tuple(shape))} needs {need}"
+    )
 
 
 def parse_header(header: bytes, source: str, file_size: int | None = None) -> Header:

@@ -79,6 +79,8 @@ class Plan:
     skipped: list[SnapshotInfo] = field(default_factory=list)
     #: Time of the store's latest snapshot (``t`` may be before or after it).
     last_t: float = 0.0
+    #: The output dtype the negligible inputs were dropped for (finer ones need a new plan).
+    dtype: torch.dtype = torch.float32
 
     @property
     def names(self) -> list[str]:
@@ -125,6 +127,7 @@ def plan(
     (their headers read, several at once) and pinned, so a missing or foreign shard
     fails here, named.
     """
+    check_storage_dtype(dtype, "dtype")
     infos = store.list()
     if not infos:
         raise StorageError(f"{store.url} holds no snapshots")
@@ -154,6 +157,7 @@ def plan(
         tuple(float(x) for x in stds),
         skipped,
         last,
+        dtype,
     )
 
 
@@ -275,6 +279,11 @@ def write_plan(
     (:mod:`phema._parallel`).
     """
     _check_options(window_bytes, max_inflight, threads, dtype, sharded, parallel)
+    if torch.finfo(dtype).eps < torch.finfo(the_plan.dtype).eps:
+        raise OptionError(
+            f"the plan left out inputs too small to change {the_plan.dtype} outputs, not "
+            f"{dtype} ones; make it with plan(..., dtype={dtype})"
+        )
     inputs = the_plan.inputs
 
     def read(r: int, offset: int, buf: memoryview) -> None:
@@ -322,12 +331,13 @@ class Job:
     metas: list[dict[str, str]] = field(default_factory=list)  # each output's metadata
     sources: list[str] = field(default_factory=list)  # the inputs' URLs, for errors
 
-    def where(self, i: int, offset: int) -> str:
-        """Input ``i``'s URL and the tensor holding its logical data byte ``offset``."""
+    def where(self, i: int | None, offset: int) -> str:
+        """Input ``i``'s URL (unless None) and the tensor holding logical data byte ``offset``."""
         k = bisect.bisect_right(self.layout, offset, key=lambda ti: ti.begin) - 1
         info = self.layout[max(k, 0)]
         element = (offset - info.begin) // info.dtype.itemsize
-        return f"{self.sources[i]}: tensor {info.name!r} (element {element})"
+        tensor = f"tensor {info.name!r} (element {element})"
+        return tensor if i is None else f"{self.sources[i]}: {tensor}"
 
 
 def prepare(the_plan: Plan, out_store: SnapshotStore, dtype: torch.dtype, window_bytes: int) -> Job:

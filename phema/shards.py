@@ -34,7 +34,7 @@ from torch import Tensor
 
 from phema import _json
 from phema.errors import FormatError, PhemaError, StorageError
-from phema.format import Header, encode_header, fill_file, layout_hash
+from phema.format import Header, encode_header, fill_file, layout_hash, numel
 
 if TYPE_CHECKING:
     from phema.store import ReconstructionInfo, SnapshotInfo, SnapshotStore
@@ -209,6 +209,8 @@ def parse_manifest(
             _json.uint(x, f"{where}: shape of {_json.short(name)}")
             for x in _json.array(shape, where)
         )
+        if numel(dims) is None:
+            raise FormatError(f"{where}: tensor {_json.short(name)} has 2**64 elements or more")
         specs.append((_json.text(name, f"{where}: tensor name"), _FROM_NAME[dtype], dims))
     shards = []
     for rec in _json.array(_tree(meta, "phema.shards", where), f"{where}: phema.shards"):
@@ -232,7 +234,10 @@ def parse_manifest(
         size = _json.uint(rec["size"], f"{where}: size of {name}")
         data_start = _json.uint(rec["data_start"], f"{where}: data_start of {name}")
         shards.append(Shard(name, size, data_start, tuple(pieces)))
-    _, logical = encode_header(specs, {}, keep_order=True)
+    try:
+        _, logical = encode_header(specs, {}, keep_order=True)
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}") from None
     logical = Header(logical.tensors, meta, 0)
     by_name = {t.name: t for t in logical.tensors}
     segments = []

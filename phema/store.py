@@ -475,6 +475,10 @@ class SnapshotStore:
             except FormatError as exc:
                 problems.append(Problem(source, exc, "file"))
                 continue
+            except PermissionError as exc:  # one unreadable file: the others still list
+                error = StorageError(f"cannot read {source}: {exc.strerror or exc}")
+                problems.append(Problem(source, error, "file"))
+                continue
             except PhemaError:
                 raise
             except Exception as exc:

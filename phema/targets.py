@@ -113,7 +113,13 @@ class ExponentialProfile:
 
     def scaled(self, unit: float) -> ExponentialProfile:
         """The same profile with time counted in units of ``unit`` (age ``t / unit``)."""
-        return ExponentialProfile(self.t / unit, self.rate * unit)
+        rate = self.rate * unit
+        if not math.isfinite(rate):
+            raise ProfileError(
+                f"exp. EMA of rate {self.rate:g} per unit time over t={self.t:g}: rate x t "
+                "overflows a float, so its weight lies in a vanishing end of the interval"
+            )
+        return ExponentialProfile(self.t / unit, rate)
 
     @property
     def half_life(self) -> float:
@@ -135,8 +141,10 @@ class ExponentialProfile:
 
     def norm2(self) -> float:
         r""":math:`\|q\|^2 = \lambda (1 - e^{-2\lambda t}) / (2 (1 - e^{-\lambda t})^2)`."""
-        lam, t = self.rate, self.t
-        return lam * -math.expm1(-2.0 * lam * t) / 2.0 * math.exp(-2.0 * self._log_z())
+        lam, x = self.rate, self.rate * self.t
+        # As two ratios of like magnitude: (1 - e^-x)^2 alone underflows for x < ~1e-154.
+        z = -math.expm1(-x)
+        return (lam / z) * (-math.expm1(-2.0 * x) / z) / 2.0
 
     def inner(self, t: NDArray[np.float64], gamma: NDArray[np.float64]) -> NDArray[np.float64]:
         r"""Inner products with power-function profiles ``(t[i], gamma[i])``.

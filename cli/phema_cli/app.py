@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -53,4 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     invalid command line or flag value, 130 interrupted (:mod:`phema_cli.errors`).
     Set ``PHEMA_DEBUG=1`` to get the traceback instead of the line.
     """
-    run_app(app, argv, "phema")
+    rank = (
+        f"rank {os.environ.get('RANK', '0')}: "
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1
+        else ""
+    )
+    run_app(app, argv, "phema", prefix=rank)

@@ -18,9 +18,16 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
+def _printable(text: str) -> str:
+    r"""``text`` with control characters (terminal escapes) spelled out, as ``\x1b``."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def plain(value: object) -> Text:
-    """``value`` as literal text for a rich table cell or title."""
-    return Text(str(value))
+    """``value`` as literal text for a rich table cell or title (control characters escaped)."""
+    return Text(_printable(str(value)))
 
 
 def show(renderable: object) -> None:
@@ -33,11 +40,11 @@ def show(renderable: object) -> None:
 
 def note(message: str, *, style: str | None = None) -> None:
     """One literal line on stderr."""
-    err_console.print(Text(message, style=style or ""), soft_wrap=True, highlight=False)
+    err_console.print(Text(_printable(message), style=style or ""), soft_wrap=True, highlight=False)
 
 
 def error(message: str) -> None:
     """``error: <message>`` as one literal line on stderr (line breaks become spaces)."""
     line = Text("error: ", style="bold red")
-    line.append(" ".join(str(message).split()))
+    line.append(_printable(" ".join(str(message).split())))
     err_console.print(line, soft_wrap=True, highlight=False)

@@ -70,6 +70,9 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else f"{exc.filename}"
         return 1, f"{target}: {exc.strerror}{hint}"
+    if type(exc).__name__.startswith("Dist") and type(exc).__module__.startswith("torch"):
+        hint = "; check MASTER_ADDR, MASTER_PORT and that every rank was started (torchrun)"
+        return 1, f"{type(exc).__name__}: {exc}{hint}"
     if isinstance(exc, OSError) or any(type(e).__module__.split(".")[0] in NETWORK for e in chain):
         return 1, f"{type(exc).__name__}: {exc}{hint}"
     return None

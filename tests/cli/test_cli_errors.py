@@ -76,6 +76,7 @@ def store_dir(tmp_path):
         (["plan", "STORE", "--std", "0.1", "--at", "-5"], "-5.0"),
         (["reconstruct", "STORE", "--std", "0.1", "--out", "OUT", "--window-mb", "inf"], "inf"),
         (["reconstruct", "STORE", "--std", "0.1", "--out", "OUT", "--window-mb", "0"], "0.0"),
+        (["reconstruct", "STORE", "--std", "0.1", "--out", "OUT", "--window-mb", "1e-9"], "1e-09"),
         (["reconstruct", "STORE", "--std", "0.1", "--out", "OUT", "--inflight", "0"], "0"),
         (["reconstruct", "STORE", "--std", "0.1"], "--out"),
         (["reconstruct", "STORE", "--std", "0.1", "--out", "OUT", "--sharded"], "torchrun"),
@@ -107,6 +108,12 @@ def test_text_in_brackets_is_shown_as_given(capsys, tmp_path):
     assert code == 0, err
     assert "[red]run" in out
     assert "phema-[b]x.safetensors" in out
+    # Terminal escapes in a file name are shown spelled out, never sent to the terminal.
+    os.rename(root / "phema-[b]x.safetensors", root / "phema-\x1b[2Jx.safetensors")
+    code, out, err = _run(capsys, "ls", root)
+    assert code == 0, err
+    assert "\x1b" not in out
+    assert "phema-\\x1b[2Jx.safetensors" in out
     # An output folder with brackets is the folder written and the folder reported.
     _save(store, 200.0, 0.05)
     dest = tmp_path / "runs" / "[red]ema"

@@ -414,3 +414,83 @@ def test_a_huge_header_costs_a_bounded_multiple_of_its_size():
     assert fig["tensors"] == 100_000
     # Measured 7.4x for 90 MB (1M tensors): the JSON tree and the parsed entries, once.
     assert fig["grew"] < 10 * fig["bytes"], fig
+
+
+# -- found by review: sizes, big numbers, special files, output range -----------------------
+
+
+def test_a_shape_of_huge_dims_is_refused_in_linear_time():
+    dims = [2**64 - 1] * 50_000  # the product alone would take minutes and 10**6 digits
+    header = json.dumps({"a": {"dtype": "F32", "shape": dims, "data_offsets": [0, 4]}}).encode()
+    with pytest.raises(FormatError, match="2\\*\\*64 elements or more"):
+        parse_header(header, "x.safetensors", file_size=8 + len(header) + 4)
+
+
+def test_an_integer_beyond_float_range_in_metadata_is_a_format_error():
+    from phema._meta import output_fields
+
+    meta = {
+        "phema.t": "1",
+        "phema.std": "0.1",
+        "phema.t_unit": "steps",
+        "phema.coefficients": '{"a": 1' + "0" * 400 + "}",
+        "phema.fit": '{"rel_error": 0, "l1_norm": 1, "condition": 1}',
+    }
+    with pytest.raises(FormatError, match="must be a finite number"):
+        output_fields(meta, "x.safetensors")
+
+
+def test_terminal_escapes_in_metadata_are_refused(tmp_path):
+    store = _store(tmp_path)
+    tensors = _tensors(9)
+    layout = "\x1b]0;pwned\x07\x1b[2J"
+    store.write(
+        snapshot_name(400.0, 0.05),
+        serialize(tensors, _meta(tensors, 400.0, 0.05, **{"phema.layout": layout})),
+    )
+    with pytest.raises(FormatError, match="is not a 16-digit hex hash"):
+        store.list()
+
+
+def test_outputs_beyond_their_dtype_are_refused_naming_the_tensor(tmp_path):
+    store = SnapshotStore(str(tmp_path / "src"))
+    for t in (100.0, 200.0):
+        for std in STDS:
+            tensors = {"a": torch.zeros(4), "w": torch.full((3,), 7e4)}  # fp16 tops at 65504
+            store.write(
+                snapshot_name(t, std),
+                serialize(tensors, _meta(tensors, t, std, **{"phema.copied": "[]"})),
+            )
+    with pytest.raises(
+        NonFiniteError, match=r"tensor 'w' \(element 0\) exceeds the largest torch\.float16"
+    ):
+        reconstruct(store, [0.1], str(tmp_path / "out"), dtype=torch.float16)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    (fp32,) = reconstruct(store, [0.1], str(tmp_path / "out32"))  # float32 holds it
+    assert math.isfinite(fp32.fit.rel_error)
+
+
+def test_a_plan_is_only_carried_out_at_its_precision_or_coarser(tmp_path):
+    from phema import OptionError
+    from phema.reconstruct import write_plan
+
+    store = _store(tmp_path / "src")
+    coarse = plan(store, [0.1], dtype=torch.float16)
+    with pytest.raises(OptionError, match=r"make it with plan\(\.\.\., dtype=torch\.float64\)"):
+        write_plan(coarse, store, str(tmp_path / "out"), dtype=torch.float64)
+    with pytest.raises(OptionError, match="cannot store averaged weights"):
+        plan(store, [0.1], dtype=torch.int64)
+    fine = plan(store, [0.1], dtype=torch.float64)  # keeps coefficients above 2**-55
+    assert len(fine.inputs) >= len(coarse.inputs)
+
+
+@pytest.mark.filterwarnings("ignore::phema.errors.IllPosedWarning")  # fit quality: not the point
+@pytest.mark.parametrize("scale", [1e-300, 1.0, 1e300])
+def test_exponential_targets_do_not_depend_on_the_time_unit(scale):
+    from phema.solver import fit_profiles
+    from phema.targets import ExponentialProfile
+
+    times, stds = np.array([1.0, 2.0, 3.0]), [0.05, 0.1, 0.1]
+    ref = fit_profiles(times, stds, [ExponentialProfile(3.0, 2.0)]).weights
+    got = fit_profiles(times * scale, stds, [ExponentialProfile(3.0 * scale, 2.0 / scale)]).weights
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)  # quadrature to ~1e-13

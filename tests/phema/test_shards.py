@@ -132,6 +132,24 @@ def test_malformed_tensor_lists_and_shard_pieces_are_named(tmp_path):
         store.list()
 
 
+def test_huge_manifest_shapes_and_special_shard_files_are_named(tmp_path):
+    import os
+
+    store = SnapshotStore(str(tmp_path))
+    _write(store, {"a": [0, 5, 12], "b": [0, 2, 5]})
+    (info,) = store.list()
+    shard = tmp_path / info.shards[1].name
+    shard.unlink()
+    os.mkfifo(shard)  # opening a FIFO for reading would block until a writer comes
+    with pytest.raises(StorageError, match=f"{shard.name} .*is not a regular file"):
+        store.load(info)
+    manifest = tmp_path / snapshot_name(10.0, 0.1)
+    dims = [2**64 - 1] * 5000
+    _rewrite_meta(manifest, "phema.tensors", json.dumps([["a", "F32", dims]]))
+    with pytest.raises(FormatError, match="2\\*\\*64 elements or more"):
+        store.list()
+
+
 def test_messages_name_shards_by_their_path_in_the_store(tmp_path):
     store = SnapshotStore(str(tmp_path))
     name = "shards/phema-000000000010-0.1000/id0001-00001.safetensors"
