@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -31,7 +30,8 @@ from rich.text import Text
 
 from edm2_reference.presets import PRESETS
 from phema.errors import PhemaError
-from phema_cli import console, errors
+from phema_cli import console
+from phema_cli.errors import run_app
 
 __all__ = [
     "PRESET_HELP",
@@ -51,7 +51,6 @@ __all__ = [
     "number",
     "number_option",
     "out_console",
-    "print_error",
     "print_json",
     "progress",
     "run_app",
@@ -77,23 +76,6 @@ def new_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
     )
-
-
-def run_app(app: typer.Typer, argv: Sequence[str] | None, prog_name: str) -> None:
-    """Run ``app`` on ``argv`` as :func:`phema_cli.errors.run_app` does (one-line errors).
-
-    Under torchrun each error line names the rank it comes from.
-    """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f"rank {os.environ.get('RANK', '0')}: " if size > 1 else ""
-    errors.run_app(app, argv, prog_name, prefix=where)
-
-
-def print_error(message: str) -> None:
-    """``error: message`` as one line on stderr, the message verbatim (no rich markup)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f"rank {os.environ.get('RANK', '0')}: " if size > 1 else ""
-    console.error(where + message)
 
 
 # Flag parsers: each names the value it rejects, so that the error line shows it verbatim.

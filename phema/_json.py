@@ -26,7 +26,7 @@ import json
 import math
 import re
 import sys
-from typing import Any
+from typing import Any, TypeGuard
 
 from phema.errors import FormatError
 
@@ -119,9 +119,18 @@ def short(value: Any, limit: int = 80) -> str:
     return spelled if len(spelled) <= limit else spelled[:limit] + "..."
 
 
+#: Integers in headers (sizes, offsets, dims) are below this, as in safetensors (u64).
+UINT_LIMIT = 1 << 64
+
+
+def is_uint(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is an integer (not a bool) in ``[0, 2**64)``."""
+    return type(value) is int and 0 <= value < UINT_LIMIT
+
+
 def uint(value: Any, where: str) -> int:
     """``value`` if it is an integer (not a bool) in ``[0, 2**64)``."""
-    if type(value) is not int or not 0 <= value < 1 << 64:
+    if not is_uint(value):
         raise FormatError(f"{where} must be an integer in [0, 2**64), got {short(value)}")
     return value
 

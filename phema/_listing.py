@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from phema._meta import output_fields, snapshot_fields
 from phema.errors import FormatError, StorageError
@@ -53,10 +53,6 @@ class SnapshotInfo:
     identity: str = ""  # the version listed (see phema._backends); "" = not pinned
     shards: tuple[Shard, ...] = ()  # a sharded snapshot's shard files (phema.shards)
     segments: tuple[Segment, ...] = ()  # where its logical bytes lie in them
-
-
-#: One file as listed: ``(path, url, size, parsed header, identity)``.
-_Listed = tuple[str, str, int, Header, str]
 
 
 @dataclass(frozen=True)
@@ -125,45 +121,41 @@ def scan_files(listed: Iterable[Listed], problems: list[Problem]) -> Scan:
     return Scan(snapshots, outputs, problems)
 
 
-def _snapshot(path: str, source: str, size: int, header: Header, identity: str) -> SnapshotInfo:
-    meta = header.metadata
+def _located(path: str, source: str, size: int, header: Header, identity: str) -> dict[str, Any]:
+    """Where a listed file's tensors lie: in the file itself, or in a manifest's shards."""
     shards: tuple[Shard, ...] = ()
     segments: tuple[Segment, ...] = ()
-    if meta.get("phema.format") == FORMAT_VERSION and meta.get("phema.kind") == "sharded":
+    if header.metadata.get("phema.kind") == "sharded":
         header, shards, segments = parse_manifest(header, source)
-    elif meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") != "snapshot":
+    return {
+        "path": path,
+        "url": source,
+        "size": size + sum(sh.size for sh in shards),
+        "header": header,
+        "identity": identity,
+        "shards": shards,
+        "segments": segments,
+    }
+
+
+def _snapshot(path: str, source: str, size: int, header: Header, identity: str) -> SnapshotInfo:
+    meta = header.metadata
+    if meta.get("phema.format") != FORMAT_VERSION or meta.get("phema.kind") not in (
+        "snapshot",
+        "sharded",
+    ):
         raise FormatError(
             f"{source}: not a phema snapshot of format {FORMAT_VERSION} "
             f"(phema.format={str(meta.get('phema.format'))[:40]!r}); move it out of the store"
         )
-    return SnapshotInfo(
-        path=path,
-        url=source,
-        size=size + sum(sh.size for sh in shards),
-        header=header,
-        identity=identity,
-        shards=shards,
-        segments=segments,
-        **snapshot_fields(meta, source, {t.name for t in header.tensors}),
-    )
+    where = _located(path, source, size, header, identity)
+    names = {t.name for t in where["header"].tensors}
+    return SnapshotInfo(**where, **snapshot_fields(meta, source, names))
 
 
 def _output(path: str, source: str, size: int, header: Header, identity: str) -> ReconstructionInfo:
-    meta = header.metadata
-    shards: tuple[Shard, ...] = ()
-    segments: tuple[Segment, ...] = ()
-    if meta.get("phema.kind") == "sharded":
-        header, shards, segments = parse_manifest(header, source)
-    return ReconstructionInfo(
-        path=path,
-        url=source,
-        size=size + sum(sh.size for sh in shards),
-        header=header,
-        identity=identity,
-        shards=shards,
-        segments=segments,
-        **output_fields(meta, source),
-    )
+    where = _located(path, source, size, header, identity)
+    return ReconstructionInfo(**where, **output_fields(header.metadata, source))
 
 
 def mixing(infos: list[SnapshotInfo]) -> list[tuple[SnapshotInfo, str]]:

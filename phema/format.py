@@ -242,11 +242,6 @@ def parse_header_length(first8: bytes, source: str) -> int:
 
 
 _KEYS = {"data_offsets", "dtype", "shape"}
-_LIMIT = 1 << 64
-
-
-def _uint(x: object) -> bool:
-    return type(x) is int and 0 <= x < _LIMIT
 
 
 def numel(shape: Sequence[int]) -> int | None:
@@ -254,7 +249,7 @@ def numel(shape: Sequence[int]) -> int | None:
     n = 1
     for d in shape:
         n *= d
-        if n >= _LIMIT:
+        if n >= _json.UINT_LIMIT:
             return None
     return n
 
@@ -266,9 +261,9 @@ def _tensor_info(name: str, entry: object) -> TensorInfo | None:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if type(dtype) is not str or dtype not in _FROM_NAME:
         return None
-    if type(shape) is not list or not all(map(_uint, shape)):
+    if type(shape) is not list or not all(map(_json.is_uint, shape)):
         return None
-    if type(offsets) is not list or len(offsets) != 2 or not all(map(_uint, offsets)):
+    if type(offsets) is not list or len(offsets) != 2 or not all(map(_json.is_uint, offsets)):
         return None
     dt = _FROM_NAME[dtype]
     begin, end = offsets

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -52,11 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     Exit codes: 0 success, 1 a failure at run time (store, network, file), 2 an
     invalid command line or flag value, 130 interrupted (:mod:`phema_cli.errors`).
-    Set ``PHEMA_DEBUG=1`` to get the traceback instead of the line.
+    Set ``PHEMA_DEBUG=1`` to get the traceback instead of the line; under torchrun
+    each line names its rank.
     """
-    rank = (
-        f"rank {os.environ.get('RANK', '0')}: "
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1
-        else ""
-    )
-    run_app(app, argv, "phema", prefix=rank)
+    run_app(app, argv, "phema")

@@ -20,7 +20,7 @@ import typer
 from phema.errors import PhemaError
 from phema_cli.console import error, note
 
-__all__ = ["describe", "run_app"]
+__all__ = ["describe", "rank_prefix", "run_app"]
 
 #: Packages whose errors mean "the store or server could not be used", matched by
 #: name so that the optional backends stay optional.
@@ -78,14 +78,19 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def run_app(
-    app: typer.Typer, argv: Sequence[str] | None, prog_name: str, *, prefix: str = ""
-) -> None:
+def rank_prefix() -> str:
+    """``"rank 1: "`` under torchrun (``WORLD_SIZE > 1``), else ``""``: whose line it is."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ""
+    return f"rank {os.environ.get('RANK', '0')}: "
+
+
+def run_app(app: typer.Typer, argv: Sequence[str] | None, prog_name: str) -> None:
     """Run ``app`` on ``argv`` (default ``sys.argv[1:]``); expected failures exit 1, 2 or 130.
 
     Returns normally on success (and after ``--help``), so that ``main([...])`` can be
-    called from Python; any other outcome raises ``SystemExit``. ``prefix`` starts each
-    error line (e.g. ``"rank 1: "``).
+    called from Python; any other outcome raises ``SystemExit``. Under torchrun each
+    error line names its rank (:func:`rank_prefix`).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     shown = warnings.showwarning
@@ -104,7 +109,7 @@ def run_app(
         known = describe(exc)
         if os.environ.get("PHEMA_DEBUG") or known is None:
             raise
-        error(prefix + known[1])
+        error(rank_prefix() + known[1])
         raise SystemExit(known[0]) from None
     finally:
         warnings.showwarning = shown

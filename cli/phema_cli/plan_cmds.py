@@ -193,7 +193,7 @@ def reconstruct_cmd(
     bytes and rank 0 writes the outputs, the same files one process writes.
     """
     stds = parse_stds(std)
-    check_finite(window_mb, "--window-mb", low=1 / (1 << 20) - 1e-18, high=1 << 20)  # 1 B..1 TiB
+    check_finite(window_mb, "--window-mb", low=2.0**-20, high=2.0**20, or_low=True)  # 1 B..1 TiB
     check_count(inflight, "--inflight", 1, 256)
     check_count(threads, "--threads", 0, 1024)
     if sharded and int(os.environ.get("WORLD_SIZE", "1")) <= 1:

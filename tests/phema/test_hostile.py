@@ -61,6 +61,15 @@ def _store(root, times=(100.0, 200.0, 300.0)) -> SnapshotStore:
     return store
 
 
+def _store_with_odd_file(root, override) -> tuple[SnapshotStore, str]:
+    """:func:`_store` plus one snapshot at t=400 whose metadata ``override`` edits; its name."""
+    store = _store(root)
+    tensors = _tensors(9)
+    name = snapshot_name(400.0, 0.05)
+    store.write(name, serialize(tensors, _meta(tensors, 400.0, 0.05, **override)))
+    return store, name
+
+
 def _raw_file(header_text: str | bytes, data: bytes = b"") -> bytes:
     body = header_text.encode() if isinstance(header_text, str) else header_text
     return struct.pack("<Q", len(body)) + body + data
@@ -200,10 +209,7 @@ def test_phema_refuses_every_header_safetensors_refuses(where, value):
     ],
 )
 def test_bad_metadata_is_named_at_listing(tmp_path, override, message):
-    store = _store(tmp_path)
-    tensors = _tensors(9)
-    bad = "phema-000000000400-0.0500.safetensors"
-    store.write(bad, serialize(tensors, _meta(tensors, 400.0, 0.05, **override)))
+    store, bad = _store_with_odd_file(tmp_path, override)
     with pytest.raises(FormatError, match=message) as caught:
         store.list()
     assert bad in str(caught.value)
@@ -227,10 +233,7 @@ def test_writer_refuses_a_gamma_that_is_not_the_stds_exponent(tmp_path):
     ],
 )
 def test_snapshots_of_another_run_in_a_store_are_refused(tmp_path, override, message):
-    store = _store(tmp_path)
-    tensors = _tensors(9)
-    name = "phema-000000000400-0.0500.safetensors"
-    store.write(name, serialize(tensors, _meta(tensors, 400.0, 0.05, **override)))
+    store, name = _store_with_odd_file(tmp_path, override)
     with pytest.raises(StorageError, match=message) as caught:
         plan(store, [0.07])
     assert name in str(caught.value)
@@ -441,13 +444,7 @@ def test_an_integer_beyond_float_range_in_metadata_is_a_format_error():
 
 
 def test_terminal_escapes_in_metadata_are_refused(tmp_path):
-    store = _store(tmp_path)
-    tensors = _tensors(9)
-    layout = "\x1b]0;pwned\x07\x1b[2J"
-    store.write(
-        snapshot_name(400.0, 0.05),
-        serialize(tensors, _meta(tensors, 400.0, 0.05, **{"phema.layout": layout})),
-    )
+    store, _ = _store_with_odd_file(tmp_path, {"phema.layout": "\x1b]0;pwned\x07\x1b[2J"})
     with pytest.raises(FormatError, match="is not a 16-digit hex hash"):
         store.list()
 
