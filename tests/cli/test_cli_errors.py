@@ -269,3 +269,52 @@ def test_console_script_agrees_with_the_entry_point(store_dir):
     assert out.returncode == 2
     _one_error(out.stderr.splitlines(), "std nan")
     assert Path(shutil.which("phema") or sys.executable).exists()
+
+
+def test_errors_under_torchrun_name_their_rank(capsys, store_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = _run(capsys, "plan", store_dir, "--std", "nan")
+    assert code == 2
+    _one_error(err, "error: rank 1: ", "std nan")
+    dist_error = type("DistNetworkError", (RuntimeError,), {"__module__": "torch.distributed"})
+    code, message = describe(dist_error("connect to 10.0.0.1:29500 timed out"))
+    assert code == 1
+    assert "MASTER_ADDR" in message
+
+
+def test_an_unreadable_file_is_named_and_the_others_still_list(capsys, store_dir, monkeypatch):
+    backend = type(phema.SnapshotStore(str(store_dir)).backend)
+    head = backend.head
+
+    def refuse(self, path, want):
+        if path.endswith(snapshot_name(100.0, 0.05)):
+            raise PermissionError(13, "Permission denied", path)
+        return head(self, path, want)
+
+    monkeypatch.setattr(backend, "head", refuse)  # root reads any file: refuse one by hand
+    code, out, err = _run(capsys, "ls", store_dir)
+    assert code == 1
+    assert "7 snapshots" in out
+    _one_error(err, snapshot_name(100.0, 0.05), "Permission denied")
+
+
+def test_ls_json_takes_only_the_known_fit_keys(capsys, tmp_path):
+    store = phema.SnapshotStore(str(tmp_path / "run"))
+    tensors = {"w": torch.ones(3)}
+    meta = {
+        "phema.format": "1",
+        "phema.kind": "reconstruction",
+        "phema.t": "100.0",
+        "phema.std": "0.1",
+        "phema.t_unit": "steps",
+        "phema.coefficients": "{}",
+        "phema.fit": '{"rel_error": 0.5, "l1_norm": 1, "condition": 2, "file": 1, "kind": 2}',
+    }
+    store.write("phema-ema-000000000100-0.1000.safetensors", serialize(tensors, meta))
+    code, out, err = _run(capsys, "ls", tmp_path / "run", "--json")
+    assert code == 0, err
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["kind"] == "reconstruction"  # a crafted fit key cannot overwrite a field
+    assert row["file"].endswith("phema-ema-000000000100-0.1000.safetensors")
+    assert row["rel_error"] == 0.5
