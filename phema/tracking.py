@@ -178,6 +178,7 @@ class PowerFunctionEMA:
         self._offloaded = isinstance(self._shadows, OffloadedShadows)
         self._t = 0.0
         self._num_updates = 0
+        self._swap: tuple[int, list[Tensor], list[Tensor]] | None = None
 
     @property
     def stds(self) -> tuple[float, ...]:
@@ -255,6 +256,12 @@ class PowerFunctionEMA:
                 a tracked parameter was replaced.
         """
         t = float(t)
+        if self._swap is not None:
+            raise TrackingError(
+                f"update() while profile {self._stds[self._swap[0]]} is swapped in would "
+                "average the profile into itself; call swap_out() (or leave the swapped() "
+                "block) before training on"
+            )
         if not (math.isfinite(t) and t > self._t):
             raise TrackingError(
                 f"update time must be finite and increase: got t={t} after t={self._t}; "
@@ -395,15 +402,27 @@ class PowerFunctionEMA:
             for k, std in enumerate(self._stds)
         ]
 
-    @contextmanager
-    def swapped(self, std: float) -> Iterator[nn.Module]:
-        """Context manager: the module holds profile ``std``'s weights inside the block.
+    @property
+    def swapped_std(self) -> float | None:
+        """The std whose weights the module holds after :meth:`swap_in`, else ``None``."""
+        return None if self._swap is None else self._stds[self._swap[0]]
 
-        The training weights are kept in one temporary copy of the tracked tensors and
-        restored on exit, also when the block raises. Sharded parameters get their
-        shards (no collective); partitioned ones are gathered (a collective).
+    def swap_in(self, std: float) -> None:
+        """Put profile ``std``'s weights into the module until :meth:`swap_out`.
+
+        The training weights are kept in one temporary copy of the tracked tensors.
+        For code whose evaluation spans two callbacks (e.g. Lightning's validation
+        epoch start and end); elsewhere prefer :meth:`swapped`. While swapped in,
+        :meth:`update` raises (it would fold the profile into itself). Sharded
+        parameters get their shards (no collective); partitioned ones are gathered (a
+        collective).
         """
         k = self.index(std)
+        if self._swap is not None:
+            raise TrackingError(
+                f"profile {self._stds[self._swap[0]]} is already swapped in; call "
+                "swap_out() before swapping in another"
+            )
         self._require_updated()
         self.check_tracking()
         with torch.no_grad():
@@ -415,14 +434,33 @@ class PowerFunctionEMA:
             saved = [t.clone() for t in targets]
             for t, v in zip(targets, values, strict=True):
                 t.copy_(v)
+        self._swap = (k, targets, saved)
+
+    def swap_out(self) -> None:
+        """Give the module its training weights back after :meth:`swap_in`."""
+        if self._swap is None:
+            raise TrackingError("no profile is swapped in: call swap_in(std) first")
+        _, targets, saved = self._swap
+        self._swap = None
+        if self._has_dtensors:  # drop weights gathered from the profile
+            reshard(self.module)
+        with torch.no_grad():
+            for t, s in zip(targets, saved, strict=True):
+                t.copy_(s)
+
+    @contextmanager
+    def swapped(self, std: float) -> Iterator[nn.Module]:
+        """Context manager: the module holds profile ``std``'s weights inside the block.
+
+        The training weights are kept in one temporary copy of the tracked tensors and
+        restored on exit, also when the block raises. Sharded parameters get their
+        shards (no collective); partitioned ones are gathered (a collective).
+        """
+        self.swap_in(std)
         try:
             yield self.module
         finally:
-            if self._has_dtensors:  # drop weights gathered from the profile
-                reshard(self.module)
-            with torch.no_grad():
-                for t, s in zip(targets, saved, strict=True):
-                    t.copy_(s)
+            self.swap_out()
 
     def copy_module(self, std: float) -> nn.Module:
         """A deep copy of the module holding profile ``std``, in eval mode, frozen.

@@ -267,6 +267,40 @@ def test_swapped_and_copy_module():
         ema.profile(0.07)
 
 
+def test_swap_in_and_out_span_two_calls():
+    """swap_in/swap_out are swapped() split in two, for hooks that open and close apart."""
+    net = _fresh_net()
+    ema = PowerFunctionEMA(net)
+    with pytest.raises(TrackingError, match="no profile yet"):
+        ema.swap_in(0.05)
+    assert ema.swapped_std is None
+    for step in range(1, 6):
+        _trajectory_step(net, step)
+        ema.update(step)
+    live = {k: v.clone() for k, v in net.state_dict().items()}
+    state = ema.state_dict()
+    ema.swap_in(0.05)
+    assert ema.swapped_std == 0.05
+    for n, p in net.named_parameters():
+        assert torch.equal(p.detach(), ema.profile(0.05)[n])
+    with pytest.raises(TrackingError, match="already swapped in"):
+        ema.swap_in(0.10)
+    with pytest.raises(TrackingError, match="swapped in would average"):
+        ema.update(6)
+    ema.swap_out()
+    assert ema.swapped_std is None
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, live[k])
+    with pytest.raises(TrackingError, match="no profile is swapped in"):
+        ema.swap_out()
+    # the refused update changed nothing
+    after = ema.state_dict()
+    assert after["t"] == state["t"]
+    assert after["num_updates"] == state["num_updates"]
+    for n, v in state["shadows"].items():
+        assert torch.equal(after["shadows"][n], v)
+
+
 def test_buffer_policies():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
