@@ -207,7 +207,7 @@ def phema_case(model: nn.Module, name: str = "phema", bytes_per_param: float | N
         per_param,
         step,
         probe=lambda: ema.profile(STDS[0])[last],
-        extra={"peer": "phema", "peer_version": _peer_version("phema")},
+        extra={"peer": "phema", "peer_version": _peer_version("torch-phema")},
     )
 
 

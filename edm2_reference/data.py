@@ -206,7 +206,7 @@ def _optional(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise DataError(
-            f"the built-in datasets need {module.split('.')[0]}: pip install 'phema[edm2]'"
+            f"the built-in datasets need {module.split('.')[0]}: pip install 'torch-phema[edm2]'"
         ) from e
 
 

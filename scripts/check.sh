@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-PY="${PYTHON:-python3}"
+source scripts/env.sh 2>/dev/null
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
 "$PY" -m mypy

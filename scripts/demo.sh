@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-PY="${PYTHON:-python3}"
+source scripts/env.sh 2>/dev/null
 "$PY" -m phema_cli demo "$@"

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh edm2
-python() { "${PYTHON:-python3}" "$@"; }  # the interpreter install.sh installed into
+source scripts/env.sh 2>/dev/null
+python() { "$PY" "$@"; }  # the interpreter install.sh installed into
 python -m edm2_reference.train --preset digits8 --outdir runs/digits8 --duration 64Ki --snapshot 4Ki
 phema plan runs/digits8/snapshots --std 0.02,0.04,0.07,0.10,0.15,0.20
 phema reconstruct runs/digits8/snapshots --std 0.02,0.04,0.07,0.10,0.15,0.20 --out runs/digits8/ema --overwrite

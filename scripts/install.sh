@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Install phema in editable mode with the given extra (e.g. `test`), into the current Python.
-# Where no torch is installed, take a CPU build first so that resolving `torch` never pulls
-# the multi-GB CUDA packages.
+# Install phema in editable mode with the given extra (e.g. `test`) into the Python that
+# scripts/env.sh chooses (the active environment, else the project's .venv). Where no
+# torch is installed, take a CPU build first so that resolving `torch` never pulls the
+# multi-GB CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
-PY="${PYTHON:-python3}"
+source scripts/env.sh
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "phema: no torch found; installing a CPU build" >&2
   "$PY" -m pip install --quiet "torch==2.13.0+cpu" \

@@ -30,7 +30,7 @@ def save_plan_plot(the_plan: Plan, path: str, *, overwrite: bool = False, num: i
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise PlotError(
-            f"--plot needs matplotlib ({exc}); install it with pip install 'phema[plot]'"
+            f"--plot needs matplotlib ({exc}); install it with pip install 'torch-phema[plot]'"
         ) from None
     if os.path.exists(path) and not overwrite:
         raise PlotError(f"{path} exists; choose another --plot path or pass --overwrite")

@@ -171,7 +171,7 @@ def test_plot_errors_name_the_users_path(capsys, store_dir, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     code, _, err = _run(capsys, "plan", store_dir, "--std", "0.07", "--plot", tmp_path / "p.png")
     assert code == 1
-    _one_error(err, "pip install 'phema[plot]'")
+    _one_error(err, "pip install 'torch-phema[plot]'")
 
 
 @pytest.mark.filterwarnings("default::phema.errors.IllPosedWarning")  # the CLI prints it
