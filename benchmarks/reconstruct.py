@@ -89,8 +89,8 @@ from ema_update import FULL, QUICK, TINY, ModelSpec, build_model
 
 import phema
 from phema.format import serialize
-from phema.reconstruct import WINDOW_BYTES
 from phema.store import snapshot_metadata, snapshot_name
+from phema.streaming import WINDOW_BYTES
 
 BENCH = "reconstruct"
 #: Stored profiles (the reference's defaults).
@@ -247,7 +247,7 @@ def run_plain_read_ranged(case: dict[str, Any]) -> dict[str, Any]:
 
 def run_phema(case: dict[str, Any]) -> dict[str, Any]:
     """``phema.reconstruct`` of all stds in one pass, outputs in ``case["out"]``."""
-    from phema.reconstruct import reconstruct
+    from phema.streaming import reconstruct
 
     start = time.perf_counter()
     store, count = counting_store(case["url"])
@@ -268,7 +268,7 @@ def run_reference(case: dict[str, Any]) -> dict[str, Any]:
     into one full fp32 state dict per output; write each output at the end of its batch."""
     from safetensors.torch import save_file
 
-    from phema.reconstruct import plan
+    from phema.streaming import plan
 
     start = time.perf_counter()
     store, count = counting_store(case["url"])
@@ -368,7 +368,7 @@ def child_main(case: dict[str, Any]) -> None:
         import fsspec
 
         fsspec.config.conf["s3"] = {"endpoint_url": case["endpoint"]}
-    import phema.reconstruct  # noqa: F401  (imports stay out of the measured window)
+    import phema.streaming  # noqa: F401  (imports stay out of the measured window)
 
     if case["engine"] == "ema_pytorch":
         import ema_pytorch  # noqa: F401

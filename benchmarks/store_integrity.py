@@ -10,7 +10,7 @@ work without the checks, in one process, over interleaved rounds with a rotating
 order:
 
 * **Reconstruction reads** (``reconstruct`` section): one
-  :func:`phema.reconstruct.write_plan` pass (8 output stds, fp16 outputs, the default
+  :func:`phema.write_plan` pass (8 output stds, fp16 outputs, the default
   2 MiB window, 8 reads in flight, 1 torch thread) over fp16 snapshots of the
   synthetic model of ``ema_update.py``, from one plan, with two source stores:
   ``checked`` (a plain :class:`phema.SnapshotStore`: every read names
@@ -102,8 +102,8 @@ import phema
 from phema._local import fsync_dir
 from phema.errors import ChangedError
 from phema.format import serialize
-from phema.reconstruct import WINDOW_BYTES, Plan, plan, write_plan
 from phema.store import snapshot_metadata, snapshot_name
+from phema.streaming import WINDOW_BYTES, Plan, plan, write_plan
 
 BENCH = "store_integrity"
 #: Checked reads must keep at least this share of the unchecked throughput.

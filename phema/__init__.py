@@ -2,7 +2,9 @@
 
 Track several power-function EMA profiles during training with
 :class:`PowerFunctionEMA`, then synthesise any other profile (std, time) after
-training with the float64 least-squares solver in :mod:`phema.solver`.
+training with the float64 least-squares solver in :mod:`phema.solver`:
+:func:`reconstruct` streams a store of snapshots into new profiles, :func:`load` reads
+one back into a model.
 """
 
 from phema.errors import (
@@ -19,6 +21,7 @@ from phema.errors import (
     StorageError,
     TrackingError,
 )
+from phema.loading import load
 from phema.memory import Snapshot, reconstruct_in_memory
 from phema.profiles import (
     STD_MAX,
@@ -30,6 +33,7 @@ from phema.profiles import (
 )
 from phema.solver import Fit, Solution, fit_profiles, solve_weights
 from phema.store import ReconstructionInfo, SnapshotInfo, SnapshotStore
+from phema.streaming import Plan, Reconstruction, plan, reconstruct, write_plan
 from phema.targets import ExponentialProfile, PowerProfile, Profile
 from phema.tracking import BufferPolicy, PowerFunctionEMA, unwrap_module
 from phema.writer import SnapshotWriter
@@ -48,10 +52,12 @@ __all__ = [
     "NonFiniteError",
     "OptionError",
     "PhemaError",
+    "Plan",
     "PowerFunctionEMA",
     "PowerProfile",
     "Profile",
     "ProfileError",
+    "Reconstruction",
     "ReconstructionInfo",
     "Snapshot",
     "SnapshotInfo",
@@ -64,11 +70,15 @@ __all__ = [
     "TrackingError",
     "fit_profiles",
     "gamma_to_sigma_rel",
+    "load",
+    "plan",
     "power_beta",
     "power_inner",
     "power_weight",
+    "reconstruct",
     "reconstruct_in_memory",
     "sigma_rel_to_gamma",
     "solve_weights",
     "unwrap_module",
+    "write_plan",
 ]

@@ -34,9 +34,9 @@ import torch.distributed as dist
 from phema._dist import all_gather_json, broadcast_text, cpu_group, world
 from phema._stream import Reader, Window, stream
 from phema.errors import ExistsError, StorageError
-from phema.reconstruct import Job, Reconstruction, _OutputFiles
 from phema.shards import encode_manifest, shard_header
 from phema.store import SUFFIX, SnapshotInfo, SnapshotStore
+from phema.streaming import Job, Reconstruction, _OutputFiles
 
 __all__ = [
     "check_all",

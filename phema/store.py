@@ -180,6 +180,21 @@ def snapshot_name(t: float, std: float) -> str:
     return f"phema-{t_token}-{std_token or _token(std, 'std')}{SUFFIX}"
 
 
+class _Unreadable(Exception):
+    """A file that exists but this process may not read (carries the ``PermissionError``)."""
+
+    def __init__(self, cause: PermissionError) -> None:
+        super().__init__(cause.strerror or str(cause))
+
+
+def _problem(source: str, exc: Exception) -> FormatError | StorageError:
+    """The error a listing reports for one bad file."""
+    if isinstance(exc, _Unreadable):
+        return StorageError(f"cannot read {source}: {exc}")
+    assert isinstance(exc, FormatError)
+    return exc
+
+
 class SnapshotStore:
     """A folder of snapshots at ``url`` (local path, ``file://``, ``memory://``, ``s3://``...).
 
@@ -469,21 +484,43 @@ class SnapshotStore:
                 continue
             source = f"{self.url.rstrip('/')}/{name}"
             try:
-                found = (path, source, *self._read_header(path, source))
+                found = self._listed(path, source)
             except FileNotFoundError:
                 continue  # removed since the folder was listed
-            except FormatError as exc:
-                problems.append(Problem(source, exc, "file"))
+            except (FormatError, _Unreadable) as exc:
+                problems.append(Problem(source, _problem(source, exc), "file"))
                 continue
-            except PermissionError as exc:  # one unreadable file: the others still list
-                error = StorageError(f"cannot read {source}: {exc.strerror or exc}")
-                problems.append(Problem(source, error, "file"))
-                continue
-            except PhemaError:
-                raise
-            except Exception as exc:
-                raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
             yield found
+
+    def _listed(self, path: str, source: str) -> Listed:
+        """``(path, url, size, header, identity)`` of one file; remote failures named."""
+        try:
+            return (path, source, *self._read_header(path, source))
+        except (FileNotFoundError, PhemaError):
+            raise
+        except PermissionError as exc:
+            raise _Unreadable(exc) from exc
+        except Exception as exc:
+            raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
+
+    def info(self, name: str) -> SnapshotInfo | ReconstructionInfo:
+        """The listing entry of one file, ``name`` in the store, read from its header alone.
+
+        Raises:
+            StorageError: If the file does not exist or cannot be read.
+            FormatError: If it is not a valid phema snapshot or output.
+        """
+        root = self.backend.pin(self.root)
+        path, source = f"{root.rstrip('/')}/{name}", f"{self.url.rstrip('/')}/{name}"
+        try:
+            listed = self._listed(path, source)
+        except FileNotFoundError:
+            raise StorageError(f"{source} does not exist") from None
+        except _Unreadable as exc:
+            raise _problem(source, exc) from exc
+        found = scan_files([listed], [])
+        found.raise_first()
+        return (found.snapshots or found.outputs)[0]
 
     def _read_header(self, path: str, source: str) -> tuple[int, Header, str]:
         head = self.backend.head(path, HEADER_PROBE)

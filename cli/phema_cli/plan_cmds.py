@@ -26,8 +26,8 @@ from rich.table import Table
 
 from phema._parallel import parallel_plan
 from phema.errors import OptionError, StorageError
-from phema.reconstruct import WINDOW_BYTES, Plan, plan, write_plan
 from phema.store import SnapshotStore
+from phema.streaming import WINDOW_BYTES, Plan, plan, write_plan
 from phema_cli.console import err_console, note, out_console, plain, show
 from phema_cli.options import JsonOpt, UrlArg, check_count, check_finite, parse_stds
 from phema_cli.plot import save_plan_plot

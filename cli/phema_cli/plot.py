@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 from phema.errors import PhemaError
-from phema.reconstruct import Plan
 from phema.store import atomic_write
+from phema.streaming import Plan
 
 __all__ = ["PlotError", "save_plan_plot"]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from edm2_reference.train import TrainSettings, train
-from phema.reconstruct import reconstruct
+from phema.streaming import reconstruct
 
 
 @pytest.fixture(scope="module")

@@ -273,7 +273,7 @@ def remote(out: str, rank: int, size: int) -> dict[str, object]:
 def parallel_reconstruct(out: str, rank: int, size: int) -> dict[str, object]:
     """``reconstruct(parallel=True)`` of ``$PHEMA_SRC`` into ``$PHEMA_OUT`` (default
     ``<out>/parallel``); the bytes this rank read."""
-    from phema.reconstruct import reconstruct
+    from phema.streaming import reconstruct
 
     got: list[int] = []
     src = os.environ.get(f"PHEMA_SRC_RANK{rank}", os.environ["PHEMA_SRC"])

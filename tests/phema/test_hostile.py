@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from phema import FormatError, NonFiniteError, PhemaError, SnapshotStore, StorageError
 from phema.format import parse_header, serialize
 from phema.profiles import sigma_rel_to_gamma
-from phema.reconstruct import drop_negligible, plan, reconstruct
 from phema.solver import solve_weights
 from phema.store import snapshot_metadata, snapshot_name
+from phema.streaming import drop_negligible, plan, reconstruct
 
 STDS = (0.05, 0.10)
 
@@ -469,7 +469,7 @@ def test_outputs_beyond_their_dtype_are_refused_naming_the_tensor(tmp_path):
 
 def test_a_plan_is_only_carried_out_at_its_precision_or_coarser(tmp_path):
     from phema import OptionError
-    from phema.reconstruct import write_plan
+    from phema.streaming import write_plan
 
     store = _store(tmp_path / "src")
     coarse = plan(store, [0.1], dtype=torch.float16)

@@ -15,7 +15,7 @@ from torch import nn
 
 from phema import PowerFunctionEMA, SnapshotStore, SnapshotWriter, StorageError
 from phema.profiles import sigma_rel_to_gamma
-from phema.reconstruct import reconstruct
+from phema.streaming import reconstruct
 
 
 def _run(store, saves, every=1):

@@ -19,11 +19,13 @@ EXPECTED = {
     "NonFiniteError",
     "OptionError",
     "PhemaError",
+    "Plan",
     "PowerFunctionEMA",
     "PowerProfile",
     "Profile",
     "ProfileError",
     "Snapshot",
+    "Reconstruction",
     "ReconstructionInfo",
     "SnapshotInfo",
     "SnapshotStore",
@@ -35,13 +37,17 @@ EXPECTED = {
     "TrackingError",
     "fit_profiles",
     "gamma_to_sigma_rel",
+    "load",
+    "plan",
     "power_beta",
     "power_inner",
     "power_weight",
+    "reconstruct",
     "reconstruct_in_memory",
     "sigma_rel_to_gamma",
     "solve_weights",
     "unwrap_module",
+    "write_plan",
 }
 
 
@@ -49,6 +55,10 @@ def test_all_is_pinned():
     assert set(phema.__all__) == EXPECTED
     for name in phema.__all__:
         assert hasattr(phema, name), name
+    # the streaming engine is reached from the top level; its module is phema.streaming
+    from phema.streaming import reconstruct
+
+    assert phema.reconstruct is reconstruct
 
 
 def test_errors_are_also_builtins():
@@ -76,7 +86,8 @@ def test_errors_are_also_builtins():
 def test_import_is_light():
     code = (
         "import sys, phema; "
-        "heavy = [m for m in ('typer', 'rich', 's3fs', 'huggingface_hub', 'phema_cli') "
+        "heavy = [m for m in ('typer', 'rich', 's3fs', 'huggingface_hub', 'phema_cli', 'lightning', "
+        "'transformers', 'accelerate') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

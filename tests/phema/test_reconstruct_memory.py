@@ -21,7 +21,7 @@ _MEASURE = r"""
 import json, sys, warnings
 from phema import SnapshotStore
 from phema.profiles import sigma_rel_to_gamma
-from phema.reconstruct import plan, write_plan
+from phema.streaming import plan, write_plan
 
 def status(key):
     with open("/proc/self/status") as f:

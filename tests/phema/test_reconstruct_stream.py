@@ -17,7 +17,7 @@ from phema import (
     StorageError,
     reconstruct_in_memory,
 )
-from phema.reconstruct import plan, reconstruct
+from phema.streaming import plan, reconstruct
 
 STDS = (0.075, 0.13)
 

@@ -21,7 +21,7 @@ from launch import run_torchrun
 from safetensors.torch import load_file
 
 from phema import SnapshotStore, StorageError
-from phema.reconstruct import plan, reconstruct
+from phema.streaming import plan, reconstruct
 
 pytestmark = pytest.mark.slow  # torchrun with 2 and 4 processes
 

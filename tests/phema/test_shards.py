@@ -156,7 +156,7 @@ def test_messages_name_shards_by_their_path_in_the_store(tmp_path):
     assert store.backend.where(store.path_of(name)) == f"{tmp_path}/{name}"
     _write(store, {"a": [0, 5, 12], "b": [0, 2, 5]})
     (info,) = store.list()
-    from phema.reconstruct import plan, write_plan
+    from phema.streaming import plan, write_plan
 
     the_plan = plan(store, [0.1])  # pins every shard's version
     shard = tmp_path / the_plan.inputs[0].shards[1].name

@@ -33,8 +33,8 @@ from phema import (
 from phema.errors import ChangedError, ExistsError
 from phema.format import serialize
 from phema.profiles import sigma_rel_to_gamma
-from phema.reconstruct import plan, reconstruct, write_plan
 from phema.store import snapshot_metadata, snapshot_name
+from phema.streaming import plan, reconstruct, write_plan
 
 pytestmark = pytest.mark.slow  # racing processes and servers
 

@@ -21,7 +21,7 @@ from test_store_integrity import _ema, _outputs, _s3_env, _snapshot_bytes, _uplo
 
 from phema import SnapshotStore, SnapshotWriter, StorageError
 from phema.errors import ExistsError
-from phema.reconstruct import plan, reconstruct, write_plan
+from phema.streaming import plan, reconstruct, write_plan
 
 pytestmark = pytest.mark.slow  # stalled servers and their timeouts
 
