@@ -28,7 +28,9 @@ def test_guide_blocks_run(capsys):
 def test_snapshot_table_is_the_solvers():
     generated = runpy.run_path(str(DOCS / "snapshot_table.py"))["table"]()
     text = (DOCS / "guide.md").read_text()
-    found = re.search(r"<!-- snapshot-table: begin.*?-->\n(.*?)\n<!-- snapshot-table: end", text, re.S)
+    found = re.search(
+        r"<!-- snapshot-table: begin.*?-->\n(.*?)\n<!-- snapshot-table: end", text, re.S
+    )
     assert found, "the table's markers are missing from docs/guide.md"
     assert found.group(1) == generated
 

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from phema._tracked import is_dtensor
 from phema.errors import StateError, TrackingError
-from phema.tracking import BufferPolicy, PowerFunctionEMA
+from phema.tracking import BufferPolicy, PowerFunctionEMA, unwrap_module
 from phema.writer import SnapshotWriter
 
 __all__ = ["TRACKER_FORMAT", "EMATracker"]
@@ -88,8 +89,25 @@ class EMATracker:
         self.last_step = 0
         self._pending: Mapping[str, Any] | None = None
 
-    def start(self, module: nn.Module) -> PowerFunctionEMA:
-        """Create the EMA over ``module`` (once) and apply a state loaded before it existed."""
+    def start(self, module: nn.Module, *, per_step: float | None = None) -> PowerFunctionEMA:
+        """Create the EMA over ``module`` (once) and apply a state loaded before it existed.
+
+        Args:
+            module: The model, final (on its device, cast, wrapped, sharded).
+            per_step: Replaces ``per_step`` when given (frameworks that learn the global
+                batch size only when training starts); only before the EMA exists.
+
+        Raises:
+            TrackingError: If the EMA exists already over another module.
+        """
+        if self.ema is not None and self.ema.module is not unwrap_module(module):
+            raise TrackingError(
+                "this tracker's EMA already tracks another model; use one tracker per model"
+            )
+        if per_step is not None and self.ema is None:
+            if not (math.isfinite(per_step) and per_step > 0):
+                raise TrackingError(f"per_step must be finite and > 0, got {per_step}")
+            self.per_step = float(per_step)
         if self.ema is None:
             self.ema = PowerFunctionEMA(
                 module, self.stds, buffers=self.buffers, partition=self.partition
@@ -103,6 +121,11 @@ class EMATracker:
             )
         return self.ema
 
+    @property
+    def has_state(self) -> bool:
+        """Whether :meth:`state_dict` has a state: the EMA exists, or a loaded one waits."""
+        return self.ema is not None or self._pending is not None
+
     def _require(self) -> PowerFunctionEMA:
         if self.ema is None:
             raise TrackingError("the EMA does not exist yet: call start(module) first")
@@ -111,12 +134,21 @@ class EMATracker:
     def step(self, optimizer_steps: int) -> None:
         """Fold the weights after optimizer step ``optimizer_steps`` (1-based, global) in.
 
-        Steps the EMA has already seen (a framework calling twice for one step) are
-        ignored; a snapshot is written when ``optimizer_steps`` is a multiple of
-        ``snapshot_every``.
+        The step the EMA saw last is ignored (a framework calling again for the same
+        step, e.g. after each micro-batch of an accumulated step); a snapshot is written
+        when ``optimizer_steps`` is a multiple of ``snapshot_every``.
+
+        Raises:
+            TrackingError: If ``optimizer_steps`` is below the last step seen (a step
+                counter that went back: a new trainer given a used tracker).
         """
         ema = self._require()
-        if optimizer_steps <= self.last_step:
+        if optimizer_steps < self.last_step:
+            raise TrackingError(
+                f"optimizer step {optimizer_steps} comes after step {self.last_step}: the step "
+                "count went back (a used EMA given to a new trainer?); make a new tracker"
+            )
+        if optimizer_steps == self.last_step:
             return
         ema.update(optimizer_steps * self.per_step)
         self.last_step = optimizer_steps
@@ -141,15 +173,31 @@ class EMATracker:
         if self.ema is not None and self.ema.swapped_std is not None:
             self.ema.swap_out()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The EMA's state plus the schedule; loads back with :meth:`load_state_dict`."""
+    def state_dict(self, *, full: bool = False) -> dict[str, Any]:
+        """The EMA's state plus the schedule; loads back with :meth:`load_state_dict`.
+
+        Before :meth:`start` it is the state loaded and waiting for the EMA, if any.
+
+        Args:
+            full: Gather a sharded or partitioned EMA's shadows into plain tensors (a
+                collective: every rank calls it), for frameworks that save one rank's
+                ``torch.save`` of it; they load back into any layout.
+        """
+        if self.ema is None and self._pending is not None:
+            return dict(self._pending)
         ema = self._require()
+        state = ema.state_dict()
+        if full and any(is_dtensor(v) for v in state["shadows"].values()):
+            shadows = state["shadows"]
+            state["shadows"] = {
+                n: v.full_tensor() if is_dtensor(v) else v for n, v in shadows.items()
+            }
         return {
             "format": TRACKER_FORMAT,
             "last_step": self.last_step,
             "per_step": self.per_step,
             "unit": self.unit,
-            "ema": ema.state_dict(),
+            "ema": state,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -171,9 +219,16 @@ class EMATracker:
         self.ema.load_state_dict(state["ema"])
         self.last_step = int(state["last_step"])
 
-    def close(self) -> None:
-        """Wait for pending snapshots; raises the first write failure."""
-        self.swap_out()
+    def close(self, *, restore: bool = True) -> None:
+        """Wait for pending snapshots; raises the first write failure.
+
+        Args:
+            restore: Also give the model its training weights back if a profile is
+                swapped in (``False`` when the model's weights were replaced since, e.g.
+                by a checkpoint loaded after a failed evaluation).
+        """
+        if restore:
+            self.swap_out()
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.close()
