@@ -52,13 +52,27 @@ def load(
         try:
             target.load_state_dict(tensors, strict=strict)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0].rstrip(":.")
             expected = set(target.state_dict())
-            missing = sorted(expected - set(tensors))[:3]
-            extra = sorted(set(tensors) - expected)[:3]
+            missing = sorted(expected - set(tensors))
+            extra = sorted(set(tensors) - expected)
+            sizes = [
+                ln.strip().rstrip(".") for ln in str(exc).splitlines() if "size mismatch" in ln
+            ]
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} keys, e.g. {missing[:3]}")
+            if extra:
+                parts.append(f"{len(extra)} unexpected keys, e.g. {extra[:3]}")
+            if sizes:
+                parts.append(f"{len(sizes)} of other shapes, e.g. {sizes[0]}")
+            hint = (
+                "strict=False loads the matching keys only"
+                if (missing or extra) and not sizes
+                else "a file of another model or another configuration"
+            )
+            detail = "; ".join(parts) or str(exc).splitlines()[0]
             raise FormatError(
-                f"{url} does not fit {type(target).__name__}: {first} (missing e.g. {missing}, "
-                f"unexpected e.g. {extra}); was it made from this model? strict=False loads the "
-                "matching tensors only"
+                f"{url} does not fit {type(target).__name__}: {detail}. Was it made from this "
+                f"model? ({hint})"
             ) from exc
     return tensors

@@ -5,20 +5,28 @@
 #   - Otherwise the project's own virtual environment, .venv, created on first use:
 #     many system Pythons are marked externally managed (PEP 668) and refuse pip
 #     installs, and a project environment never touches the system's packages.
+_phema_fail() {
+  echo "phema: $*" >&2
+  exit 1
+}
 if [ -n "${PYTHON:-}" ]; then
   PY="$PYTHON"
-elif [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
-  PY="python3"
+elif [ -n "${VIRTUAL_ENV:-}" ]; then
+  PY="$VIRTUAL_ENV/bin/python"
+  [ -x "$PY" ] || _phema_fail "the active virtual environment $VIRTUAL_ENV has no" \
+    "bin/python (removed?): deactivate it, or recreate it"
+elif [ -n "${CONDA_PREFIX:-}" ]; then
+  PY="$CONDA_PREFIX/bin/python"
+  [ -x "$PY" ] || _phema_fail "the active conda environment $CONDA_PREFIX has no bin/python"
 else
   if [ ! -x .venv/bin/python ]; then
     echo "phema: no virtual environment is active; creating the project's own in .venv" >&2
     base="$(command -v python3 || true)"
     if [ -z "$base" ] || ! "$base" -m venv .venv; then
       rm -rf .venv
-      echo "phema: could not create .venv: install Python >= 3.11 with its venv module" \
+      _phema_fail "could not create .venv: install Python >= 3.11 with its venv module" \
         "(Debian/Ubuntu: apt install python3-venv), or activate an environment, or set" \
-        "PYTHON=/path/to/python" >&2
-      exit 1
+        "PYTHON=/path/to/python"
     fi
   fi
   echo "phema: using the project's virtual environment .venv" \
@@ -26,5 +34,7 @@ else
   export VIRTUAL_ENV="$PWD/.venv"
   PY="$VIRTUAL_ENV/bin/python"
 fi
-PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
+_phema_exe="$("$PY" -c 'import sys; print(sys.executable)' 2>/dev/null)" \
+  || _phema_fail "$PY does not run: set PYTHON to a Python >= 3.11, or unset it"
+PATH="$(dirname "$_phema_exe"):$PATH"
 export PATH

@@ -15,8 +15,9 @@ the sanity check, ``on_train_start``):
   of evaluation (the model is final there too), with a checkpoint's state if one was
   given.
 - **Update** in ``on_train_batch_end`` with ``trainer.global_step``: the number of
-  optimizer steps (``optimizer.step()`` calls under manual optimization). The tracker
-  ignores a step it has seen, so batches that only accumulate gradients change nothing.
+  optimizer steps (``optimizer.step()`` calls under manual optimization, so one batch
+  that steps two optimizers is one update). The tracker ignores a step it has seen, so
+  batches that only accumulate gradients change nothing.
 - **Evaluate** with ``evaluate_with``'s weights from ``on_validation_start`` to
   ``on_validation_end`` (and the test equivalents): callback hooks run before the
   module's, so the module's ``validation_step`` and ``on_validation_epoch_end`` see
@@ -267,7 +268,13 @@ class EMACallback(Callback):
         return self.tracker.state_dict(full=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; before the EMA exists it is applied when it is made."""
+        """Restore :meth:`state_dict`; before the EMA exists it is applied when it is made.
+
+        An empty state (saved before the EMA existed) restores nothing; resuming training
+        from it past step 0 is refused at ``on_train_start``.
+        """
+        if not state_dict:
+            return
         self.tracker.load_state_dict(state_dict)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

@@ -136,7 +136,7 @@ class EMATracker:
 
         The step the EMA saw last is ignored (a framework calling again for the same
         step, e.g. after each micro-batch of an accumulated step); a snapshot is written
-        when ``optimizer_steps`` is a multiple of ``snapshot_every``.
+        when ``optimizer_steps`` reaches or passes a multiple of ``snapshot_every``.
 
         Raises:
             TrackingError: If ``optimizer_steps`` is below the last step seen (a step
@@ -151,9 +151,15 @@ class EMATracker:
         if optimizer_steps == self.last_step:
             return
         ema.update(optimizer_steps * self.per_step)
-        self.last_step = optimizer_steps
+        previous, self.last_step = self.last_step, optimizer_steps
         every = self.snapshot_every
-        if self.writer is not None and every is not None and optimizer_steps % every == 0:
+        # a multiple of snapshot_every reached or passed (steps may advance by more than
+        # one per call, e.g. two optimizers per batch under manual optimisation)
+        if (
+            self.writer is not None
+            and every is not None
+            and optimizer_steps // every > (previous // every)
+        ):
             self.writer.save(ema, step=optimizer_steps)
 
     def swap_in(self) -> bool:
@@ -207,6 +213,9 @@ class EMATracker:
                 f"not a phema tracker state (format {state.get('format')!r}, expected "
                 f"{TRACKER_FORMAT!r})"
             )
+        missing = [k for k in ("last_step", "per_step", "unit", "ema") if k not in state]
+        if missing:
+            raise StateError(f"the phema tracker state lacks {missing}; it is damaged")
         if state["unit"] != self.unit or state["per_step"] != self.per_step:
             raise StateError(
                 f"the checkpoint's EMA time is {state['per_step']} {state['unit']} per step, "

@@ -27,8 +27,9 @@ after one (``on_evaluate``). Two ways are offered:
   ``on_evaluate``: the checkpoint saved after the evaluation holds the training weights,
   and so does the next step. Metrics, ``metric_for_best_model`` and
   ``load_best_model_at_end`` then rank checkpoints by the profile's metrics while
-  checkpoints hold training weights. ``eval_on_start`` uses the training weights (no
-  profile yet). If the evaluation raises, the exception leaves ``train()`` with the
+  checkpoints hold training weights. ``eval_on_start`` uses the training weights
+  (also on resume). An ``eval_dataset`` dict is refused at its first evaluation: the
+  Trainer evaluates its datasets one after another with no event before each. If the evaluation raises, the exception leaves ``train()`` with the
   profile in the model: call ``callback.tracker.swap_out()`` before using it.
 - ``with callback.swapped(std): trainer.evaluate()``: any time, during or after
   training (the training weights come back on exit, also on an exception).
@@ -53,6 +54,7 @@ snapshot writer already writes from rank 0 only (or as shards).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -199,8 +201,24 @@ class EMACallback(TrainerCallback):
         self._maybe_swap_in(control)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Give the model its training weights back after a periodic evaluation."""
+        """Give the model its training weights back after a periodic evaluation.
+
+        Raises:
+            TrackingError: If the evaluation was of one dataset of an ``eval_dataset``
+                dict: the Trainer evaluates the next one at once, with no event before
+                it, so it could not have the profile.
+        """
+        was_swapped = self._auto_swapped
         self._restore_auto_swap()
+        metrics = kwargs.get("metrics") or {}
+        if was_swapped and _one_of_several(metrics):
+            raise TrackingError(
+                f"evaluate_with={self.tracker.evaluate_with} cannot cover an eval_dataset dict: "
+                "the Trainer evaluates its datasets one after another with no event before "
+                "each, so only the first would use the profile (its metrics are logged; the "
+                "training weights are back). Pass one eval_dataset, or evaluate each with "
+                "`with callback.swapped(std): trainer.evaluate(dataset)`"
+            )
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Never train on the profile's weights (an evaluation another callback cancelled)."""
@@ -237,8 +255,16 @@ class EMACallback(TrainerCallback):
             "tracker": _local_state(self.tracker.state_dict()),
         }
         tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Wait for pending snapshots; raises the first write failure."""
@@ -324,6 +350,17 @@ class EMACallback(TrainerCallback):
                 f"resume with that many (this run has {size})"
             )
         self.tracker.load_state_dict(_global_state(saved, self.tracker.state_dict()))
+
+
+def _one_of_several(metrics: Mapping[str, Any]) -> bool:
+    """Whether ``metrics`` are one dataset's of an ``eval_dataset`` dict.
+
+    A single dataset's keys are ``eval_loss``, ``eval_runtime``...; the Trainer prefixes
+    each dataset of a dict with its name: ``eval_<name>_runtime``.
+    """
+    return "eval_runtime" not in metrics and any(
+        k.startswith("eval_") and k.endswith("_runtime") for k in metrics
+    )
 
 
 def _state_name(ema: PowerFunctionEMA, rank: int, size: int) -> str:

@@ -132,3 +132,20 @@ def test_snapshots_on_schedule():
         (6, 24.0, "samples"),
         (9, 36.0, "samples"),
     ]
+
+
+def test_a_snapshot_when_steps_pass_a_multiple():
+    """Steps that advance by 2 (two optimizers per batch) still snapshot every 3 steps."""
+    net = _net()
+    url = "memory://tracker-passing"
+    tracker = EMATracker((0.05,), snapshots=url, snapshot_every=3)
+    tracker.start(net)
+    _train(net, tracker, range(2, 13, 2))
+    tracker.close()
+    assert [i.step for i in phema.SnapshotStore(url).list()] == [4, 6, 10, 12]
+
+
+def test_a_damaged_state_names_what_it_lacks():
+    tracker = EMATracker()
+    with pytest.raises(StateError, match=r"lacks \['per_step', 'unit'\]"):
+        tracker.load_state_dict({"format": "phema.tracker/1", "last_step": 3, "ema": {}})

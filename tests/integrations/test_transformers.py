@@ -303,6 +303,31 @@ def test_periodic_evaluation_uses_profile_and_checkpoints_hold_training_weights(
     assert logged == [loss for _, loss, *_ in probe.seen]
 
 
+def test_an_eval_dataset_dict_is_refused_after_its_first_dataset(tmp_path):
+    """The Trainer evaluates a dict's datasets back to back: the second could not have the
+    profile, so the callback stops at the first one's on_evaluate, weights restored."""
+    rec = Recorder()
+    cb = EMACallback(STDS, evaluate_with=0.10)
+    trainer = Trainer(
+        model=TinyNet(),
+        args=make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=3),
+        train_dataset=TRAIN,
+        eval_dataset={"a": EVAL, "b": EVAL},
+        callbacks=[rec, cb],
+    )
+    with pytest.raises(TrackingError, match="cannot cover an eval_dataset dict"):
+        trainer.train()
+    assert cb.ema.swapped_std is None
+    want = {n: v.float() for n, v in rec.params[3].items()}
+    assert_bitwise(params_of(trainer.model), want)  # the training weights after step 3
+    logged = [h for h in trainer.state.log_history if "eval_a_loss" in h or "eval_b_loss" in h]
+    assert [sorted(k for k in h if k.endswith("_loss")) for h in logged] == [["eval_a_loss"]]
+    # the same datasets one by one, each under the profile, work
+    with cb.swapped(0.10):
+        metrics = [trainer.evaluate(EVAL, metric_key_prefix=f"eval_{n}") for n in "ab"]
+    assert metrics[0]["eval_a_loss"] == metrics[1]["eval_b_loss"]
+
+
 def test_swapped_context_for_trainer_evaluate(tmp_path):
     cb = EMACallback(STDS)
     trainer = make_trainer(tmp_path, [cb], max_steps=6)
