@@ -15,6 +15,7 @@ __all__ = [
     "NonFiniteError",
     "OptionError",
     "PhemaError",
+    "PickleError",
     "ProfileError",
     "SolverError",
     "StateError",
@@ -49,6 +50,14 @@ class StateError(PhemaError, ValueError):
 
 class FormatError(PhemaError, ValueError):
     """A snapshot file is not a valid safetensors file of the expected layout."""
+
+
+class PickleError(FormatError):
+    """An EDM2 snapshot pickle is malformed or holds something the safe reader refuses.
+
+    The message names the file, the byte offset and the problem (an opcode, a global
+    off the allowlist, a length past the end of the file...).
+    """
 
 
 class NonFiniteError(PhemaError, ValueError):
