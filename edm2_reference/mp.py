@@ -35,6 +35,7 @@ weights and the forward's arithmetic are those of the unsharded rewrite.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal, Self, TypeVar
 
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "normalize_weights_",
     "pixel_norm",
     "resample",
+    "resample_kernel",
 ]
 
 SILU_RMS = 0.596
@@ -127,7 +129,23 @@ def mp_cat(a: Tensor, b: Tensor, dim: int = 1, t: float = 0.5) -> Tensor:
     return torch.cat([wa * a, wb * b], dim=dim)
 
 
-def resample(x: Tensor, mode: Literal["keep", "down", "up"] = "keep") -> Tensor:
+def resample_kernel(f: Sequence[float]) -> tuple[float, ...]:
+    """Check a separable resampling filter (EDM2's ``resample_filter``) and return it as floats.
+
+    The filter is 1-D with an even, non-zero number of taps and a non-zero sum (it is normalised
+    to sum 1); ``[1, 1]`` is the default 2x2 box, ``[1, 3, 3, 1]`` a smoother bilinear filter.
+    """
+    taps = tuple(float(v) for v in f)
+    if not taps or len(taps) % 2 or not sum(taps):
+        raise ValueError(
+            f"resample_filter must be 1-D with an even number of taps and a non-zero sum, got {f!r}"
+        )
+    return taps
+
+
+def resample(
+    x: Tensor, mode: Literal["keep", "down", "up"] = "keep", f: Sequence[float] = (1, 1)
+) -> Tensor:
     """Resample an ``[N, C, H, W]`` tensor by a factor of two.
 
     - ``"down"``: depthwise 2x2 box filter with stride 2, i.e. the mean of each 2x2 patch
@@ -137,18 +155,30 @@ def resample(x: Tensor, mode: Literal["keep", "down", "up"] = "keep") -> Tensor:
     - ``"up"``: nearest-neighbour 2x upsampling (transposed conv with ``4 * outer(f, f)``). Every
       value is repeated four times, so the RMS is preserved exactly.
     - ``"keep"``: identity.
+
+    ``f`` is the separable filter (``resample_filter``): ``"down"`` is a depthwise stride-2 conv
+    with ``outer(f, f) / sum(f)^2``, ``"up"`` a depthwise stride-2 transposed conv with four
+    times that, both padded by ``(len(f) - 1) // 2`` so sizes halve or double exactly. The
+    default ``(1, 1)`` takes the exact shortcuts above.
     """
     if mode == "keep":
         return x
-    if mode == "down":
-        if x.shape[-1] % 2 or x.shape[-2] % 2:
-            raise ValueError(
-                f"resample('down') needs even spatial sizes, got {tuple(x.shape[-2:])}"
-            )
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
-    if mode == "up":
+    if mode not in ("down", "up"):
+        raise ValueError(f"unknown resample mode {mode!r}; expected 'keep', 'down' or 'up'")
+    if mode == "down" and (x.shape[-1] % 2 or x.shape[-2] % 2):
+        raise ValueError(f"resample('down') needs even spatial sizes, got {tuple(x.shape[-2:])}")
+    taps = resample_kernel(f)
+    if len(set(taps)) == 1 and len(taps) == 2:  # the box filter: exact shortcuts
+        if mode == "down":
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
         return x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
-    raise ValueError(f"unknown resample mode {mode!r}; expected 'keep', 'down' or 'up'")
+    k = torch.tensor(taps, dtype=torch.float32)
+    k = torch.outer(k, k) / k.sum() ** 2
+    c, pad = x.shape[1], (len(taps) - 1) // 2
+    w = k.to(device=x.device, dtype=x.dtype).tile(c, 1, 1, 1)  # [C, 1, L, L], depthwise
+    if mode == "down":
+        return F.conv2d(x, w, groups=c, stride=2, padding=pad)
+    return F.conv_transpose2d(x, w * 4, groups=c, stride=2, padding=pad)
 
 
 class Freezable(nn.Module):

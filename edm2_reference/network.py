@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Literal, overload
+from collections.abc import Sequence
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from edm2_reference.mp import (
     normalize,
     pixel_norm,
     resample,
+    resample_kernel,
 )
 
 __all__ = ["Block", "Precond", "UNet"]
@@ -65,6 +67,7 @@ class Block(Freezable):
         emb_channels: int,
         flavor: Literal["enc", "dec"] = "enc",
         resample_mode: Literal["keep", "down", "up"] = "keep",
+        resample_filter: Sequence[float] = (1, 1),
         attention: bool = False,
         channels_per_head: int = 64,
         dropout: float = 0.0,
@@ -78,6 +81,7 @@ class Block(Freezable):
         self.out_channels = out_channels
         self.flavor = flavor
         self.resample_mode = resample_mode
+        self.resample_filter = resample_kernel(resample_filter)
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
         self.res_balance = res_balance
@@ -96,7 +100,7 @@ class Block(Freezable):
         self.attn_proj = MPConv(out_channels, out_channels, (1, 1)) if self.num_heads else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        x = resample(x, self.resample_mode)
+        x = resample(x, self.resample_mode, self.resample_filter)
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
@@ -136,7 +140,9 @@ class UNet(Freezable):
     """Config G U-Net: ``F(x, c_noise, labels)`` on ``[N, img_channels, R, R]`` inputs.
 
     Level ``l`` works at resolution ``R / 2^l`` with ``model_channels * channel_mult[l]``
-    channels. The embedding (width ``model_channels * max(channel_mult)``) is
+    channels. The noise Fourier features have ``model_channels * channel_mult_noise`` channels
+    (default ``model_channels * channel_mult[0]``), the embedding ``model_channels *
+    channel_mult_emb`` (default ``model_channels * max(channel_mult)``). The embedding is
     ``mp_silu(mp_sum(emb_noise(emb_fourier(c_noise)), emb_label(labels * sqrt(label_dim)), 0.5))``
     and is always computed in float32 (one-hot labels times ``sqrt(label_dim)`` have unit RMS).
 
@@ -147,6 +153,15 @@ class UNet(Freezable):
     ``mp_cat(x, skip, t=concat_balance)``. The ``blockN`` blocks at ``attn_resolutions`` have
     attention, and so does ``in0``; ``down``, ``up`` and ``in1`` blocks never do. The
     output is ``out_conv(x, gain=out_gain)``, and ``out_gain`` starts at 0, so ``F = 0`` at init.
+    ``resample_filter`` is the separable filter of the down and up blocks (see
+    :func:`edm2_reference.mp.resample`).
+
+    Spatial sizes: every level but the last halves the size, and the decoder concatenates each
+    upsampled map with the encoder's skip of the same level, so both the constructor's
+    ``img_resolution`` and each input's height and width must be divisible by
+    ``2^(len(channel_mult) - 1)``. An odd size at a down block would be floored by the stride-2
+    filter and the skip concatenation would then fail; both are refused up front here, with
+    the size named.
     """
 
     def __init__(
@@ -156,11 +171,14 @@ class UNet(Freezable):
         label_dim: int,
         *,
         model_channels: int = 192,
-        channel_mult: tuple[int, ...] = (1, 2, 3, 4),
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        channel_mult_noise: int | None = None,
+        channel_mult_emb: int | None = None,
         num_blocks: int = 3,
-        attn_resolutions: tuple[int, ...] = (16, 8),
+        attn_resolutions: Sequence[int] = (16, 8),
         label_balance: float = 0.5,
         concat_balance: float = 0.5,
+        resample_filter: Sequence[float] = (1, 1),
         channels_per_head: int = 64,
         dropout: float = 0.0,
         res_balance: float = 0.3,
@@ -173,8 +191,11 @@ class UNet(Freezable):
                 f"img_resolution {img_resolution} cannot be halved {len(channel_mult) - 1} times"
             )
         cblock = [model_channels * m for m in channel_mult]
-        cnoise = cblock[0]
-        cemb = max(cblock)
+        cnoise = (
+            model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
+        )
+        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        self.levels = len(cblock)
         self.label_dim = label_dim
         self.label_balance = label_balance
         self.concat_balance = concat_balance
@@ -183,6 +204,7 @@ class UNet(Freezable):
         block = functools.partial(
             Block,
             emb_channels=cemb,
+            resample_filter=resample_filter,
             channels_per_head=channels_per_head,
             dropout=dropout,
             res_balance=res_balance,
@@ -240,6 +262,12 @@ class UNet(Freezable):
         return mp_silu(emb)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
+        step = 1 << (self.levels - 1)
+        if x.shape[-1] % step or x.shape[-2] % step:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} cannot be halved {self.levels - 1} times: "
+                f"height and width must be multiples of {step}"
+            )
         emb = self.embedding(noise_labels, class_labels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
@@ -283,11 +311,14 @@ class Precond(Freezable):
         sigma_data: float = 0.5,
         logvar_channels: int = 128,
         model_channels: int = 192,
-        channel_mult: tuple[int, ...] = (1, 2, 3, 4),
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        channel_mult_noise: int | None = None,
+        channel_mult_emb: int | None = None,
         num_blocks: int = 3,
-        attn_resolutions: tuple[int, ...] = (16, 8),
+        attn_resolutions: Sequence[int] = (16, 8),
         label_balance: float = 0.5,
         concat_balance: float = 0.5,
+        resample_filter: Sequence[float] = (1, 1),
         channels_per_head: int = 64,
         dropout: float = 0.0,
         res_balance: float = 0.3,
@@ -306,10 +337,13 @@ class Precond(Freezable):
             label_dim,
             model_channels=model_channels,
             channel_mult=channel_mult,
+            channel_mult_noise=channel_mult_noise,
+            channel_mult_emb=channel_mult_emb,
             num_blocks=num_blocks,
             attn_resolutions=attn_resolutions,
             label_balance=label_balance,
             concat_balance=concat_balance,
+            resample_filter=resample_filter,
             channels_per_head=channels_per_head,
             dropout=dropout,
             res_balance=res_balance,
@@ -354,9 +388,9 @@ class Precond(Freezable):
         x: Tensor,
         sigma: float | Tensor,
         class_labels: Tensor | None = ...,
-        return_logvar: Literal[False] = ...,
-        *,
         force_fp32: bool = ...,
+        return_logvar: Literal[False] = ...,
+        **unet_kwargs: Any,
     ) -> Tensor: ...
 
     @overload
@@ -364,10 +398,22 @@ class Precond(Freezable):
         self,
         x: Tensor,
         sigma: float | Tensor,
+        class_labels: Tensor | None,
+        force_fp32: bool,
+        return_logvar: Literal[True],
+        **unet_kwargs: Any,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(
+        self,
+        x: Tensor,
+        sigma: float | Tensor,
         class_labels: Tensor | None = ...,
+        force_fp32: bool = ...,
         *,
         return_logvar: Literal[True],
-        force_fp32: bool = ...,
+        **unet_kwargs: Any,
     ) -> tuple[Tensor, Tensor]: ...
 
     def forward(
@@ -375,15 +421,18 @@ class Precond(Freezable):
         x: Tensor,
         sigma: float | Tensor,
         class_labels: Tensor | None = None,
-        return_logvar: bool = False,
-        *,
         force_fp32: bool = False,
+        return_logvar: bool = False,
+        **unet_kwargs: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Denoise ``x`` ``[N, C, H, W]`` at noise level ``sigma`` (scalar or one per image).
 
+        The official signature and order: ``(x, sigma, class_labels=None, force_fp32=False,
+        return_logvar=False, **unet_kwargs)``; ``unet_kwargs`` go to :meth:`UNet.forward`.
         ``class_labels``: ``[N, label_dim]`` one-hot (or soft) labels, or ``[N]`` integer class
-        indices; ``None`` gives zero labels. Returns ``D`` (float32, like ``x``), or ``(D, u)``
-        with ``u`` of shape ``[N, 1, 1, 1]`` when ``return_logvar``.
+        indices; ``None`` gives zero labels. ``force_fp32`` keeps the trunk in float32 on CUDA.
+        Returns ``D`` (float32, like ``x``), or ``(D, u)`` with ``u`` of shape ``[N, 1, 1, 1]``
+        when ``return_logvar``.
         """
         x = x.to(torch.float32)
         n = x.shape[0]
@@ -393,7 +442,7 @@ class Precond(Freezable):
         dtype = torch.float16 if self.use_fp16 and on_cuda and not force_fp32 else torch.float32
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma_n.reshape(-1, 1, 1, 1))
-        f: Tensor = self.unet((c_in * x).to(dtype), c_noise.flatten(), labels)
+        f: Tensor = self.unet((c_in * x).to(dtype), c_noise.flatten(), labels, **unet_kwargs)
         d = c_skip * x + c_out * f.to(torch.float32)
         if not return_logvar:
             return d

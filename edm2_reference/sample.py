@@ -8,6 +8,12 @@ second network) and writes a PNG grid. Networks are built from the preset and lo
 from safetensors or a training checkpoint (any fsspec URL), the latter read with
 ``torch.load(weights_only=True)``, then frozen: they cannot enter training mode, so
 forced weight normalisation can never rewrite the loaded (EMA) weights.
+
+An official EDM2 snapshot pickle (``--net network-snapshot-...pkl``, a local path or any
+fsspec URL, read by ranged reads) is built from its own recorded constructor arguments, so
+``--preset``, ``--data`` and ``--uncond`` do not apply to it, and loaded through the safe reader
+:mod:`phema.pickles` (see :mod:`edm2_reference.official`); only pixel-space (img64,
+``StandardRGBEncoder``) snapshots can be sampled: latent (img512) ones need a VAE.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import typer
 from edm2_reference import cli
 from edm2_reference.data import load_dataset
 from edm2_reference.network import Precond
+from edm2_reference.official import load_official_network
 from edm2_reference.presets import build_precond, get_preset
 from edm2_reference.sampler import generate, save_image_grid
 from phema.errors import PhemaError
@@ -100,6 +107,22 @@ def _read(source: str) -> bytes:
     return data
 
 
+def _is_pickle(source: str) -> bool:
+    return source.split("?", 1)[0].endswith(".pkl")
+
+
+def _official(source: str, device: torch.device | str) -> Precond:
+    """The frozen network of an official snapshot pickle (pixel-space models only)."""
+    try:
+        return load_official_network(source, device=device, require_rgb=True).net
+    except FileNotFoundError:
+        raise NetworkLoadError(f"{source} does not exist") from None
+    except PhemaError:
+        raise
+    except OSError as exc:  # permissions, network, credentials
+        raise NetworkLoadError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``; ``ValueError`` for anything else."""
     seeds: list[int] = []
@@ -129,7 +152,8 @@ def command(
     net: Annotated[
         str,
         typer.Option(
-            help="Weights to sample from: .safetensors (any URL) or a training-state .pt.",
+            help="Weights to sample from: .safetensors (any URL), a training-state .pt, or an "
+            "official EDM2 snapshot .pkl (built from its own recorded arguments).",
             show_default=False,
         ),
     ],
@@ -164,7 +188,9 @@ def command(
     (Heun sampler) and write them as one PNG grid, an image per seed.
 
     The network is built from --preset and the shape and labels of --data, then loaded
-    from a .safetensors file (any fsspec URL) or a training-state-*.pt checkpoint.
+    from a .safetensors file (any fsspec URL) or a training-state-*.pt checkpoint. An
+    official EDM2 snapshot .pkl is built from its own recorded arguments instead (pixel-space
+    models only) and read without executing anything in it.
     """
     seed_list = _seeds(seeds)
     if guidance != 1.0 and not gnet:
@@ -173,18 +199,24 @@ def command(
         )
     if os.path.exists(out) and not overwrite:
         raise cli.CommandError(f"{out} exists; pass --overwrite to replace it")
-    dataset = load_dataset(data or get_preset(preset).dataset or "digits")
-    c, h, _ = dataset.shape
-    label_dim = 0 if uncond else dataset.label_dim
+    official = {src: _official(src, device) for src in (net, gnet) if src and _is_pickle(src)}
+    if net in official:  # an official net brings its own shape and labels
+        first = official[net]
+        c, h, label_dim = first.img_channels, first.img_resolution, first.label_dim
+        whose = f"{net} (label_dim {label_dim})"
+    else:
+        dataset = load_dataset(data or get_preset(preset).dataset or "digits")
+        c, h, _ = dataset.shape
+        label_dim = 0 if uncond else dataset.label_dim
+        whose = "an unconditional net (--uncond)"
     if class_idx is not None and class_idx >= label_dim:
-        why = (
-            f"pass 0 to {label_dim - 1}"
-            if label_dim
-            else "an unconditional net (--uncond) has no classes"
-        )
+        why = f"pass 0 to {label_dim - 1}" if label_dim else f"{whose} has no classes"
         raise typer.BadParameter(f"{class_idx} is not a class; {why}", param_hint="'--class'")
+    shape = (c, h, h)
     nets = [
-        load_network(
+        official[src]
+        if src in official
+        else load_network(
             src, preset, label_dim=label_dim, img_resolution=h, img_channels=c, device=device
         )
         for src in ([net, gnet] if gnet else [net])
@@ -194,7 +226,7 @@ def command(
         images = generate(
             nets[0],
             seed_list,
-            dataset.shape,
+            shape,
             num_classes=label_dim,
             class_idx=class_idx,
             batch_size=batch,

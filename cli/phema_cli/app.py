@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 import phema
-from phema_cli import demo, plan_cmds, store_cmds
+from phema_cli import convert_cmd, demo, plan_cmds, store_cmds
 from phema_cli.errors import run_app
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ app.command(name="ls")(store_cmds.ls)
 app.command(name="plan")(plan_cmds.plan_cmd)
 app.command(name="reconstruct")(plan_cmds.reconstruct_cmd)
 app.command(name="clean")(store_cmds.clean)
+app.command(name="convert")(convert_cmd.convert_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

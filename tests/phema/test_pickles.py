@@ -16,20 +16,18 @@ import pickle
 import pickletools
 import random
 import struct
-import sys
-import types
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from official_pickles import SRC, EasyDict, Persistent, official_modules, persist
 from torch import nn
 
 from edm2_reference.presets import build_precond
 from phema.errors import FormatError, PickleError
 from phema.pickles import PersistentObject, index_snapshot, index_snapshot_file, read_tensor
 
-SRC = "# a dummy module source standing in for networks_edm2.py\nclass Precond: pass\n"
 KWARGS = {
     "img_resolution": 8,
     "img_channels": 1,
@@ -40,65 +38,6 @@ KWARGS = {
     "dropout": 0.0,
     "use_fp16": False,
 }
-
-
-# -- fixtures in the official structure ------------------------------------------------------
-class EasyDict(dict):
-    pass
-
-
-def _never_called(meta):
-    raise AssertionError("_reconstruct_persistent_obj must never be called")
-
-
-EasyDict.__module__ = "dnnlib.util"
-_never_called.__module__ = "torch_utils.persistence"
-_never_called.__name__ = _never_called.__qualname__ = "_reconstruct_persistent_obj"
-
-
-@contextlib.contextmanager
-def official_modules(reconstruct=_never_called):
-    """``dnnlib.util`` and ``torch_utils.persistence`` in sys.modules while pickling."""
-    dnnlib, util = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
-    tu, persistence = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    util.EasyDict, dnnlib.util = EasyDict, util
-    persistence._reconstruct_persistent_obj, tu.persistence = reconstruct, persistence
-    mods = {"dnnlib": dnnlib, "dnnlib.util": util, "torch_utils": tu}
-    mods["torch_utils.persistence"] = persistence
-    saved = {k: sys.modules.get(k) for k in mods}
-    sys.modules.update(mods)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
-class Persistent:
-    """Pickles as the official persistent classes do: ``_reconstruct_persistent_obj(meta)``."""
-
-    def __init__(self, class_name, state, src=SRC):
-        self.meta = {"type": "class", "version": 6, "module_src": src}
-        self.meta.update(class_name=class_name, state=state)
-
-    def __reduce__(self):
-        return (sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (self.meta,))
-
-
-def persist(module, src=SRC, **extra):
-    """A module tree as the official code pickles it (ModuleDict stays a torch ModuleDict)."""
-    state = dict(module.__dict__, **extra)
-    state["_modules"] = collections.OrderedDict(
-        (k, None if m is None else persist(m, src)) for k, m in module._modules.items()
-    )
-    if type(module) is nn.ModuleDict:
-        out = nn.ModuleDict.__new__(nn.ModuleDict)
-        out.__dict__.update(state)
-        return out
-    return Persistent(type(module).__name__, state, src)
 
 
 ENC_SCALE = np.array([0.5, 1.5, -2.0, 3.25], dtype=np.float32)

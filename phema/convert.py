@@ -1,0 +1,331 @@
+r"""Convert other post-hoc EMA snapshots into a phema store (``phema convert``).
+
+Two sources, told apart by their file names (a local folder):
+
+**Official EDM2 snapshots** ``network-snapshot-<kimg>-<std>.pkl``. Tensors are read
+with :mod:`phema.pickles` (nothing in the pickle is executed) and keep their stored
+dtype (fp16). The time is in images, from the name's kimg by the official rule: the
+one multiple of 1024 in ``[1000 kimg, 1000 kimg + 999]`` (:func:`official_nimg`); the
+std is the name's. ``step`` is left unknown (the name does not give the batch size).
+
+**ema-pytorch** ``PostHocEMA`` checkpoints ``<index>.<step>.pt`` (one per profile
+``index`` every ``checkpoint_every_num_steps``), read with
+``torch.load(weights_only=True)``; keys ``ema_model.<name>`` become ``<name>``, the
+bookkeeping buffers ``initted`` and ``step`` are dropped. After its update number
+:math:`n` (the counter ``step`` after it) ema-pytorch sets
+
+.. math::
+
+    \hat\theta \leftarrow \beta_n \hat\theta + (1 - \beta_n)\,\theta_n, \qquad
+    \beta_n = \Big(1 - \frac{1}{n + 1}\Big)^{\gamma + 1}
+            = \Big(\frac{n}{n + 1}\Big)^{\gamma + 1},
+
+the first update copying :math:`\theta_1`. This is phema's power-function update
+(:mod:`phema.tracking`, :math:`\beta = (t_\text{prev}/t)^{\gamma+1}`) at times
+:math:`t_1 = 2, t_n = n + 1`: the checkpoint at step :math:`N` holds the
+power-function profile at time :math:`t = N + 1` of the trajectory in which
+:math:`\theta_n` holds over :math:`(n, n + 1]` (and :math:`\theta_1` also over
+:math:`(0, 1]`); weights :math:`((n+1)^{\gamma+1} - n^{\gamma+1}) / (N+1)^{\gamma+1}`.
+So ``t = step + 1`` with ``t_unit="steps"``. The files do not record the profiles'
+stds (give them, in index order) nor ``update_every`` (ema-pytorch's default is 100).
+With ``update_every = k > 1`` only the calls :math:`n \equiv 1 \pmod k` update, still
+with :math:`\beta_n` above, and the profile is no power function: roughly
+:math:`t^{(\gamma+1)/k - 1}` instead of :math:`t^\gamma`. :func:`update_every_error`
+gives its exact relative L2 distance from the power function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from phema.errors import ExistsError, FormatError, OptionError, ProfileError
+from phema.format import file_view
+from phema.pickles import index_snapshot, read_tensor
+from phema.profiles import gamma_to_sigma_rel, sigma_rel_to_gamma
+from phema.store import SnapshotStore, snapshot_metadata, snapshot_name
+
+__all__ = [
+    "Source",
+    "convert",
+    "list_sources",
+    "official_nimg",
+    "update_every_error",
+]
+
+Kind = Literal["official", "ema-pytorch"]
+OFFICIAL = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.pkl")
+EMA_PYTORCH = re.compile(r"(\d+)\.(\d+)\.pt")
+WRAPPER = "ema_model."
+BOOKKEEPING = ("initted", "step")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file and where it goes: time ``t`` (in ``t_unit``), ``std``, ``step``."""
+
+    path: str
+    kind: Kind
+    t: float
+    std: float
+    step: int | None
+    t_unit: str
+
+
+def official_nimg(kimg: int, name: str = "") -> int:
+    """Images of an official snapshot named with ``kimg``: ``(1000 kimg + 999) // 1024 * 1024``.
+
+    That is the multiple of 1024 in ``[1000 kimg, 1000 kimg + 999]``; the training loop
+    only writes such times. A kimg without one (``42``: 41984 < 42000, 43008 > 42999) is refused.
+
+    Example:
+        >>> official_nimg(8388), official_nimg(2147483) == 2**31, official_nimg(128)
+        (8388608, True, 128000)
+    """
+    nimg = (kimg * 1000 + 999) // 1024 * 1024
+    if nimg < kimg * 1000:
+        raise FormatError(
+            f"{name or kimg}: kimg {kimg} names no multiple of 1024 images (the official "
+            f"training loop writes only those; [{kimg * 1000}, {kimg * 1000 + 999}] holds none)"
+        )
+    return nimg
+
+
+def _kind(names: Sequence[str], folder: str) -> Kind:
+    pkl = [n for n in names if n.endswith(".pkl")]
+    pt = [n for n in names if EMA_PYTORCH.fullmatch(n)]
+    if pkl and pt:
+        raise FormatError(
+            f"{folder} holds both .pkl files ({pkl[0]}) and ema-pytorch checkpoints ({pt[0]}); "
+            "convert one run's folder at a time"
+        )
+    if pkl:
+        return "official"
+    if pt:
+        return "ema-pytorch"
+    raise FormatError(
+        f"{folder} holds no network-snapshot-<kimg>-<std>.pkl (official EDM2) and no "
+        "<index>.<step>.pt (ema-pytorch PostHocEMA) files"
+    )
+
+
+def list_sources(
+    folder: str,
+    *,
+    stds: Sequence[float] | None = None,
+    gammas: Sequence[float] | None = None,
+) -> list[Source]:
+    """The snapshots in a local ``folder``, sorted by ``(t, std)``; names checked, nothing read.
+
+    Every ``.pkl`` of an official folder must be named ``network-snapshot-<kimg>-<std>.pkl``
+    (other files, e.g. ``log.txt`` or ``training-state-*.pt``, are left alone). ema-pytorch
+    folders need the profiles' ``stds`` (or ``gammas``), in index order.
+
+    Raises:
+        FormatError: An unparseable or unusable name, no snapshot at all, a mixed folder.
+        OptionError: ``stds``/``gammas`` missing or not one per index (ema-pytorch).
+    """
+    if not os.path.isdir(folder):
+        raise FormatError(f"{folder} is not a local folder of snapshots")
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    kind = _kind(names, folder)
+    out: list[Source] = []
+    if kind == "official":
+        for n in (n for n in names if n.endswith(".pkl")):
+            m = OFFICIAL.fullmatch(n)
+            if m is None:
+                why = (
+                    " (official reconstructions are no snapshots)" if n.startswith("phema-") else ""
+                )
+                raise FormatError(
+                    f"{os.path.join(folder, n)}: not named network-snapshot-<kimg>-<std>.pkl"
+                    f"{why}; move it out of {folder}"
+                )
+            nimg, std = official_nimg(int(m[1]), n), float(m[2])
+            out.append(Source(os.path.join(folder, n), kind, float(nimg), std, None, "images"))
+    else:
+        found = [(int(m[1]), int(m[2]), n) for n in names if (m := EMA_PYTORCH.fullmatch(n))]
+        count = max(i for i, _, _ in found) + 1
+        given = _profile_stds(stds, gammas, count)
+        for i, step, n in found:
+            out.append(Source(os.path.join(folder, n), kind, step + 1.0, given[i], step, "steps"))
+    return sorted(out, key=lambda s: (s.t, s.std))
+
+
+def _profile_stds(
+    stds: Sequence[float] | None, gammas: Sequence[float] | None, count: int
+) -> list[float]:
+    if (stds is None) == (gammas is None):
+        raise OptionError(
+            f"ema-pytorch checkpoints do not record their profiles: give the {count} sigma_rels "
+            "(or gammas) of PostHocEMA, in its order"
+        )
+    values = list(stds if stds is not None else gammas or ())
+    if len(values) != count:
+        raise OptionError(
+            f"the checkpoints hold {count} profiles (indices 0..{count - 1}), "
+            f"but {len(values)} {'stds' if stds is not None else 'gammas'} were given"
+        )
+    if stds is None:
+        return [float(gamma_to_sigma_rel(g)) for g in values]
+    return [float(s) for s in values]
+
+
+def update_every_error(gamma: float, step: int, update_every: int) -> float:
+    r"""Relative L2 distance of ema-pytorch's profile at ``step`` from the power function.
+
+    With ``update_every = k`` the updates are the calls :math:`n_j = 1 + jk \le N`
+    (:math:`N` = ``step``), the first a copy, each with
+    :math:`\beta_{n_j} = (n_j / (n_j + 1))^{\gamma+1}`; update :math:`j` gets weight
+    :math:`w_j = (1 - \beta_{n_j}) \prod_{i > j} \beta_{n_i}`, and
+    :math:`\theta_{n_j}` holds over :math:`(n_j, n_j + k]` (the first also over
+    :math:`(0, 1]`, the last up to :math:`T = N + 1`). The power-function profile of
+    the same samples (what phema's own EMA holds, see :mod:`phema.tracking`) gives that
+    interval :math:`c_j = (b_j^{\gamma+1} - a_j^{\gamma+1}) / T^{\gamma+1}`. As densities,
+    constant on each interval, the relative L2 distance is
+
+    .. math::
+
+        \sqrt{\sum_j (w_j - c_j)^2 / (b_j - a_j) \Big/ \sum_j c_j^2 / (b_j - a_j)},
+
+    0 for ``k = 1``; for large ``t`` the profile is close to :math:`t^{(\gamma+1)/k - 1}`.
+
+    Example:
+        >>> update_every_error(7.0, 1000, 1) < 1e-12, round(update_every_error(7.0, 1000, 2), 2)
+        (True, 0.41)
+    """
+    if step < 1 or update_every < 1:
+        raise ProfileError(f"need step >= 1 and update_every >= 1, got {step}, {update_every}")
+    g1, big_t = gamma + 1.0, float(step + 1)
+    n = np.arange(1, step + 1, update_every, dtype=np.float64)
+    log_beta = g1 * np.log(n / (n + 1.0))
+    log_beta[0] = -np.inf  # the first update copies
+    after = np.concatenate([np.cumsum(log_beta[::-1])[::-1][1:], [0.0]])  # sum over i > j
+    w = -np.expm1(log_beta) * np.exp(after)
+    a = n.copy()
+    a[0] = 0.0
+    b = np.minimum(n + update_every, big_t)
+    b[0] = min(1.0 + update_every, big_t)
+    c = np.exp(g1 * np.log(b / big_t)) - np.exp(g1 * np.log(np.maximum(a, 1e-300) / big_t))
+    return math.sqrt(float(np.sum((w - c) ** 2 / (b - a))) / float(np.sum(c * c / (b - a))))
+
+
+def _read_official(src: Source) -> dict[str, torch.Tensor]:
+    fd = os.open(src.path, os.O_RDONLY)
+    try:
+
+        def read_at(offset: int, n: int) -> bytes:
+            return os.pread(fd, n, offset)
+
+        index = index_snapshot(read_at, os.fstat(fd).st_size, src.path)
+        return {name: read_tensor(read_at, r) for name, r in index.tensors.items()}
+    finally:
+        os.close(fd)
+
+
+def _read_ema_pytorch(src: Source) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(src.path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors of every kind: the file is not a checkpoint
+        raise FormatError(
+            f"{src.path}: not a torch.save checkpoint ({exc})".split("\n")[0]
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FormatError(f"{src.path}: not an ema-pytorch checkpoint (a dict of tensors)")
+    if "initted" in state and not bool(state["initted"]):
+        raise FormatError(f"{src.path}: written before the first EMA update (initted is False)")
+    counter = state.get("step")
+    if counter is not None and float(counter) != float(torch.tensor(src.step).to(counter.dtype)):
+        raise FormatError(
+            f"{src.path}: its step counter is {float(counter):g}, not the name's {src.step}"
+        )
+    out = {}
+    for key, value in state.items():
+        if key in BOOKKEEPING:
+            continue
+        if not key.startswith(WRAPPER):
+            raise FormatError(f"{src.path}: key {key!r} is not under {WRAPPER!r} (not a KarrasEMA)")
+        out[key[len(WRAPPER) :]] = value.contiguous()
+    return out
+
+
+def convert(
+    src: str,
+    out: SnapshotStore | str,
+    *,
+    stds: Sequence[float] | None = None,
+    gammas: Sequence[float] | None = None,
+    update_every: int | None = None,
+    allow_inexact: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[Source, str], None] | None = None,
+) -> list[str]:
+    """Write every snapshot of the local folder ``src`` into the store ``out``; their paths.
+
+    Names and outputs are all checked before anything is written: no output may exist
+    unless ``overwrite``. ema-pytorch sources need ``stds`` (or ``gammas``) and
+    ``update_every``; ``update_every > 1`` raises unless ``allow_inexact`` (then warns),
+    naming the worst :func:`update_every_error` over the files.
+
+    Raises:
+        FormatError, OptionError: See :func:`list_sources`; a file that does not read.
+        ProfileError: ``update_every > 1`` without ``allow_inexact``.
+        ExistsError: An output exists (without ``overwrite``).
+    """
+    sources = list_sources(src, stds=stds, gammas=gammas)
+    if sources[0].kind == "ema-pytorch":
+        if update_every is None or update_every < 1:
+            raise OptionError(
+                "ema-pytorch checkpoints do not record update_every (its default is 100): give it"
+            )
+        if update_every > 1:
+            worst = max(sources, key=lambda s: _inexact(s, update_every))
+            err = _inexact(worst, update_every)
+            message = (
+                f"update_every={update_every}: these checkpoints are not power-function profiles; "
+                f"relative L2 error up to {err:.3g} ({os.path.basename(worst.path)}, std "
+                f"{worst.std:g}: close to a power function of exponent "
+                f"{(float(sigma_rel_to_gamma(worst.std)) + 1) / update_every - 1:.3g} instead of "
+                f"{float(sigma_rel_to_gamma(worst.std)):.3g})"
+            )
+            if not allow_inexact:
+                raise ProfileError(
+                    f"{message}; pass allow_inexact (--allow-inexact) to convert anyway"
+                )
+            warnings.warn(message, stacklevel=2)
+    store = out if isinstance(out, SnapshotStore) else SnapshotStore(out)
+    if not overwrite:
+        for s in sources:
+            if store.exists(snapshot_name(s.t, s.std)):
+                raise ExistsError(
+                    f"{store.url.rstrip('/')}/{snapshot_name(s.t, s.std)} exists; pass "
+                    "overwrite (--overwrite) to replace it"
+                )
+    written = []
+    for s in sources:
+        tensors = _read_official(s) if s.kind == "official" else _read_ema_pytorch(s)
+        gamma = float(sigma_rel_to_gamma(s.std))
+        meta = snapshot_metadata(
+            tensors, t=s.t, std=s.std, gamma=gamma, t_unit=s.t_unit, step=s.step
+        )
+        name = snapshot_name(s.t, s.std)
+        written.append(
+            store.write(name, file_view(tensors, meta, consume=True), overwrite=overwrite)
+        )
+        if progress is not None:
+            progress(s, name)
+    store.flush()
+    return written
+
+
+def _inexact(s: Source, update_every: int) -> float:
+    assert s.step is not None
+    return update_every_error(float(sigma_rel_to_gamma(s.std)), s.step, update_every)
