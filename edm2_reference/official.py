@@ -153,14 +153,26 @@ def load_official_network(
             )
             raise OfficialNetworkError(f"{source}: its encoder is {encoder} ({why})")
         kwargs = precond_kwargs(index.init_kwargs, index.init_args, where=source)
-        try:
-            net = Precond(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise OfficialNetworkError(f"{source}: Precond({kwargs}) fails: {exc}") from None
-        _check_fit(net, index, source)
+        # names and shapes first, on the meta device (no memory): file-supplied sizes
+        # (model_channels=10**6) must not reach the allocator before they are checked
+        _check_fit(_build(kwargs, source, torch.device("meta")), index, source)
+        net = _build(kwargs, source, None)
         state = {name: read_tensor(read_at, t) for name, t in index.tensors.items()}
     net.load_state_dict(state, strict=True)
     return OfficialNetwork(net.to(device).freeze(), encoder, kwargs, index)
+
+
+def _build(kwargs: dict[str, Any], where: str, device: torch.device | None) -> Precond:
+    """``Precond(**kwargs)`` (on ``device``, else the default), its failures as our error."""
+    try:
+        if device is None:
+            return Precond(**kwargs)
+        with device:
+            return Precond(**kwargs)
+    except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
+        raise OfficialNetworkError(
+            f"{where}: Precond({kwargs}) fails: {type(exc).__name__}: {exc}".split("\n")[0]
+        ) from None
 
 
 def _check_fit(net: Precond, index: PickleIndex, where: str) -> None:

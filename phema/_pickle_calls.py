@@ -37,6 +37,8 @@ from phema.errors import PickleError
 BLOB_HEADER_MAX = 1 << 16
 STORAGE_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+MAX_NDIM = 32  # dimensions of a tensor or array
+MAX_DIM = 1 << 62  # bound on each dimension, and on the product of the nonzero ones
 
 
 class SnapshotVM(VM):
@@ -93,6 +95,8 @@ class SnapshotVM(VM):
         storage, offset, size, stride, requires_grad, hooks, *metadata = a
         if not (nat(offset) and ints(size) and ints(stride)) or len(size) != len(stride):
             raise self.fail("_rebuild_tensor_v2: offset, size or stride are not integers")
+        if not dims(size):
+            raise self.fail(f"_rebuild_tensor_v2: shape {short(size)} is out of bounds")
         if not isinstance(requires_grad, bool) or not isinstance(hooks, dict) or hooks:
             raise self.fail("_rebuild_tensor_v2: requires_grad or hooks are not plain")
         if metadata not in ([], [None], [{}]):
@@ -129,6 +133,8 @@ class SnapshotVM(VM):
             raise self.fail(f"numpy array data is not a bytes value of at most {MAX_TEXT} bytes")
         if not ints(shape):
             raise self.fail("numpy array shape is not a tuple of integers")
+        if not dims(shape):
+            raise self.fail(f"numpy array shape {short(shape)} is out of bounds")
         dtype = np.dtype(dt.byteorder + dt.spec)
         if math.prod(shape) * dtype.itemsize != raw.length:
             raise self.fail(f"numpy array of shape {shape} does not match its {raw.length} bytes")
@@ -188,6 +194,14 @@ def nat(v: object) -> bool:
 
 def ints(v: object) -> TypeGuard[tuple[int, ...]]:
     return isinstance(v, tuple) and len(v) <= 64 and all(nat(x) for x in v)
+
+
+def dims(shape: tuple[int, ...]) -> bool:
+    """A shape torch and numpy can hold: at most 32 dimensions, each (and the product of the
+    nonzero ones, which sets the strides) under 2**62; a zero dimension hides no overflow."""
+    if len(shape) > MAX_NDIM or any(n >= MAX_DIM for n in shape):
+        return False
+    return math.prod(max(n, 1) for n in shape) < MAX_DIM
 
 
 def _parse_blob(mem: MemSource) -> Storage:

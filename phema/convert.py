@@ -47,7 +47,15 @@ from typing import Literal
 import numpy as np
 import torch
 
-from phema.errors import ExistsError, FormatError, OptionError, ProfileError
+from phema.errors import (
+    ExistsError,
+    FormatError,
+    OptionError,
+    PhemaError,
+    PickleError,
+    ProfileError,
+    StorageError,
+)
 from phema.format import file_view
 from phema.pickles import index_snapshot, read_tensor
 from phema.profiles import gamma_to_sigma_rel, sigma_rel_to_gamma
@@ -66,6 +74,8 @@ OFFICIAL = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.pkl")
 EMA_PYTORCH = re.compile(r"(\d+)\.(\d+)\.pt")
 WRAPPER = "ema_model."
 BOOKKEEPING = ("initted", "step")
+MAX_UPDATES = 2**27  # update_every_error: beyond this the computation takes minutes
+_CHUNK = 2**20
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,10 @@ def list_sources(
     folders need the profiles' ``stds`` (or ``gammas``), in index order.
 
     Raises:
-        FormatError: An unparseable or unusable name, no snapshot at all, a mixed folder.
-        OptionError: ``stds``/``gammas`` missing or not one per index (ema-pytorch).
+        FormatError: An unparseable or unusable name, no snapshot at all, a mixed folder,
+            two files that convert to one output name (``...-0.050.pkl``, ``...-0.05.pkl``).
+        OptionError: ``stds``/``gammas`` missing, not one per index, or giving two files
+            one output name (ema-pytorch).
     """
     if not os.path.isdir(folder):
         raise FormatError(f"{folder} is not a local folder of snapshots")
@@ -157,7 +169,22 @@ def list_sources(
         given = _profile_stds(stds, gammas, count)
         for i, step, n in found:
             out.append(Source(os.path.join(folder, n), kind, step + 1.0, given[i], step, "steps"))
-    return sorted(out, key=lambda s: (s.t, s.std))
+    out.sort(key=lambda s: (s.t, s.std))
+    seen: dict[str, Source] = {}
+    for s in out:
+        name = snapshot_name(s.t, s.std)
+        if (other := seen.setdefault(name, s)) is not s:
+            why = (
+                "give distinct stds (or gammas)"
+                if kind == "ema-pytorch"
+                else f"move one out of {folder}"
+            )
+            error = OptionError if kind == "ema-pytorch" else FormatError
+            raise error(
+                f"{other.path} and {s.path} both convert to {name} (time {s.t:g}, std "
+                f"{s.std:g}); {why}"
+            )
+    return out
 
 
 def _profile_stds(
@@ -204,36 +231,72 @@ def update_every_error(gamma: float, step: int, update_every: int) -> float:
     """
     if step < 1 or update_every < 1:
         raise ProfileError(f"need step >= 1 and update_every >= 1, got {step}, {update_every}")
+    if update_every == 1:
+        return 0.0  # the power function exactly
+    count = (step - 1) // update_every + 1  # updates n_j = 1 + j k <= N
+    if count > MAX_UPDATES:
+        raise ProfileError(
+            f"step {step} with update_every={update_every} makes {count} EMA updates; the "
+            f"error is computed for at most {MAX_UPDATES} (is the step in the file name right?)"
+        )
     g1, big_t = gamma + 1.0, float(step + 1)
-    n = np.arange(1, step + 1, update_every, dtype=np.float64)
-    log_beta = g1 * np.log(n / (n + 1.0))
-    log_beta[0] = -np.inf  # the first update copies
-    after = np.concatenate([np.cumsum(log_beta[::-1])[::-1][1:], [0.0]])  # sum over i > j
-    w = -np.expm1(log_beta) * np.exp(after)
-    a = n.copy()
-    a[0] = 0.0
-    b = np.minimum(n + update_every, big_t)
-    b[0] = min(1.0 + update_every, big_t)
-    c = np.exp(g1 * np.log(b / big_t)) - np.exp(g1 * np.log(np.maximum(a, 1e-300) / big_t))
-    return math.sqrt(float(np.sum((w - c) ** 2 / (b - a))) / float(np.sum(c * c / (b - a))))
+    num = den = 0.0
+    carry = 0.0  # sum of log beta over the later chunks
+    for stop in range(count, 0, -_CHUNK):  # chunks from the end: memory O(_CHUNK), not O(step)
+        j = np.arange(max(stop - _CHUNK, 0), stop, dtype=np.float64)
+        n = 1.0 + j * update_every
+        log_beta = g1 * np.log(n / (n + 1.0))
+        if j[0] == 0:
+            log_beta[0] = -np.inf  # the first update copies
+        suffix = np.cumsum(log_beta[::-1])[::-1]
+        after = np.append(suffix[1:], 0.0) + carry  # sum over i > j
+        carry += float(suffix[0])
+        w = -np.expm1(log_beta) * np.exp(after)
+        a = n.copy()
+        b = np.minimum(n + update_every, big_t)
+        if j[0] == 0:
+            a[0] = 0.0
+            b[0] = min(1.0 + update_every, big_t)
+        # an exact 0 at a = 0 (no clamp: gamma near -1 makes tiny**(gamma+1) far from 0)
+        lower = np.where(a > 0.0, np.exp(g1 * np.log(np.where(a > 0.0, a, 1.0) / big_t)), 0.0)
+        c = np.exp(g1 * np.log(b / big_t)) - lower
+        num += float(np.sum((w - c) ** 2 / (b - a)))
+        den += float(np.sum(c * c / (b - a)))
+    return math.sqrt(num / den)
 
 
-def _read_official(src: Source) -> dict[str, torch.Tensor]:
+def _read_official(src: Source, *, check_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an official snapshot; with ``check_only``, only its index, checked."""
     fd = os.open(src.path, os.O_RDONLY)
     try:
 
         def read_at(offset: int, n: int) -> bytes:
             return os.pread(fd, n, offset)
 
-        index = index_snapshot(read_at, os.fstat(fd).st_size, src.path)
+        size = os.fstat(fd).st_size
+        index = index_snapshot(read_at, size, src.path)
+        for name, r in index.tensors.items():
+            if not 0 <= r.begin <= r.end <= size:
+                raise PickleError(
+                    f"{src.path}: tensor {name} lies at bytes [{r.begin}, {r.end}), past the "
+                    f"file's {size} bytes (a truncated file?)"
+                )
+        if check_only:
+            return {}
         return {name: read_tensor(read_at, r) for name, r in index.tensors.items()}
     finally:
         os.close(fd)
 
 
-def _read_ema_pytorch(src: Source) -> dict[str, torch.Tensor]:
+def _read_ema_pytorch(src: Source, *, check_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint; ``check_only`` maps it (no copy) where it can."""
     try:
-        state = torch.load(src.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(src.path, map_location="cpu", weights_only=True, mmap=check_only)
+        except RuntimeError:  # mmap needs the zip format; an old-format file reads whole
+            if not check_only:
+                raise
+            state = torch.load(src.path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors of every kind: the file is not a checkpoint
         raise FormatError(
             f"{src.path}: not a torch.save checkpoint ({exc})".split("\n")[0]
@@ -253,7 +316,8 @@ def _read_ema_pytorch(src: Source) -> dict[str, torch.Tensor]:
             continue
         if not key.startswith(WRAPPER):
             raise FormatError(f"{src.path}: key {key!r} is not under {WRAPPER!r} (not a KarrasEMA)")
-        out[key[len(WRAPPER) :]] = value.contiguous()
+        if not check_only:
+            out[key[len(WRAPPER) :]] = value.contiguous()
     return out
 
 
@@ -309,21 +373,57 @@ def convert(
                     f"{store.url.rstrip('/')}/{snapshot_name(s.t, s.std)} exists; pass "
                     "overwrite (--overwrite) to replace it"
                 )
-    written = []
-    for s in sources:
-        tensors = _read_official(s) if s.kind == "official" else _read_ema_pytorch(s)
-        gamma = float(sigma_rel_to_gamma(s.std))
-        meta = snapshot_metadata(
-            tensors, t=s.t, std=s.std, gamma=gamma, t_unit=s.t_unit, step=s.step
-        )
-        name = snapshot_name(s.t, s.std)
-        written.append(
-            store.write(name, file_view(tensors, meta, consume=True), overwrite=overwrite)
-        )
-        if progress is not None:
-            progress(s, name)
-    store.flush()
+    read = _read_official if sources[0].kind == "official" else _read_ema_pytorch
+    for s in sources:  # every file indexed (and checked) before anything is written
+        read(s, check_only=True)
+    written: list[str] = []
+    new: list[str] = []  # outputs this run created (absent before): removed on failure
+    replaced: list[str] = []  # outputs that existed and were overwritten: cannot come back
+    try:
+        for s in sources:
+            tensors = read(s)
+            gamma = float(sigma_rel_to_gamma(s.std))
+            meta = snapshot_metadata(
+                tensors, t=s.t, std=s.std, gamma=gamma, t_unit=s.t_unit, step=s.step
+            )
+            name = snapshot_name(s.t, s.std)
+            existed = overwrite and store.exists(name)
+            written.append(
+                store.write(name, file_view(tensors, meta, consume=True), overwrite=overwrite)
+            )
+            (replaced if existed else new).append(name)
+            if progress is not None:
+                progress(s, name)
+        store.flush()
+    except PhemaError as exc:
+        note = _undo(store, new, replaced)
+        raise type(exc)(f"{exc}; {note}") from exc
+    except BaseException:
+        _undo(store, new, replaced)
+        raise
     return written
+
+
+def _undo(store: SnapshotStore, new: list[str], replaced: list[str]) -> str:
+    """Remove (best effort) the outputs in ``new``; what was done, for the error message."""
+    kept = []
+    for name in new:
+        try:
+            if store.hub is not None:  # a pending Hub file cannot be withdrawn here
+                raise StorageError(name)
+            store.fs.rm(store.path_of(name))
+        except Exception:  # best effort: say which are left
+            kept.append(name)
+    base = store.url.rstrip("/")
+    parts = [f"removed the {len(new) - len(kept)} output(s) this run had written"]
+    if kept:
+        parts.append(f"could not remove {', '.join(f'{base}/{n}' for n in kept)}")
+    if replaced:
+        parts.append(
+            f"{len(replaced)} existing output(s) were already replaced (--overwrite) and "
+            f"hold the new snapshot: {', '.join(f'{base}/{n}' for n in replaced)}"
+        )
+    return "; ".join(parts)
 
 
 def _inexact(s: Source, update_every: int) -> float:

@@ -40,7 +40,10 @@ Security model
 * Limits: every length is checked against the bytes left in the file; strings and held bytes
   at most 16 MiB; at most 2M opcodes, 1M stack items and 1,000 nested marks per pickle; memo
   references must exist; frames must not be crossed; dict keys are scalars or small tuples of
-  them (hashing stays flat); the module tree is walked without recursion, at most 256 levels.
+  them (hashing stays flat); the module tree is walked without recursion, at most 256 levels,
+  each module and tensor record once (a shared or cyclic one is refused), at most 1M tensors;
+  ``_init_kwargs`` converts each container once (at most 100,000 values, 32 levels, no cycles);
+  shapes have at most 32 dimensions, each and their nonzero product under 2**62.
   Every problem is a :class:`~phema.errors.PickleError` naming the file, the byte and the fault.
 """
 
@@ -86,7 +89,9 @@ _DTYPES = {
     "float64": torch.float64,
 }
 _MAX_DEPTH = 256  # module nesting, and nesting of init kwargs (32)
-_MAX_MODULES = 100_000  # module visits (an XXL net has a few hundred modules)
+_MAX_MODULES = 100_000  # distinct modules (an XXL net has a few hundred)
+_MAX_TENSORS = 1_000_000  # tensors in the module tree (an XXL net has about a thousand)
+_MAX_PLAIN = 100_000  # values in _init_kwargs / _init_args (official ones: a few dozen)
 
 
 @dataclass(frozen=True)
@@ -198,9 +203,14 @@ def read_tensor(read_at: Callable[[int, int], bytes], tensor: TensorRange) -> to
     data = read_at(tensor.begin, tensor.nbytes)
     if len(data) != tensor.nbytes:
         raise PickleError(f"byte {tensor.begin}: read {len(data)} of {tensor.nbytes} bytes")
-    if not tensor.nbytes:
-        return torch.empty(tensor.shape, dtype=tensor.dtype)
-    return torch.frombuffer(bytearray(data), dtype=tensor.dtype).reshape(tensor.shape)
+    try:
+        if not tensor.nbytes:
+            return torch.empty(tensor.shape, dtype=tensor.dtype)
+        return torch.frombuffer(bytearray(data), dtype=tensor.dtype).reshape(tensor.shape)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+        raise PickleError(
+            f"byte {tensor.begin}: a tensor of shape {short(tensor.shape)} cannot be made: {e}"
+        ) from None
 
 
 def _state(module: object, where: str, name: str) -> dict[Any, Any]:
@@ -211,23 +221,46 @@ def _state(module: object, where: str, name: str) -> dict[Any, Any]:
 
 
 def _walk(ema: object, where: str) -> dict[str, TensorRange]:
-    """State-dict names and ranges, as ``nn.Module.state_dict()`` orders them (no recursion)."""
+    """State-dict names and ranges, as ``nn.Module.state_dict()`` orders them (no recursion).
+
+    The module records form a tree: one reached twice (shared or cyclic) is refused, and so is
+    one tensor record under two names (torch writes neither), so the work is linear in the file.
+    """
     out: dict[str, TensorRange] = {}
     todo: list[tuple[str, object, int]] = [("", ema, 0)]
-    seen = 0
+    modules: dict[int, str] = {}
+    tensors: dict[int, str] = {}
     while todo:
         prefix, module, depth = todo.pop()
-        seen += 1
-        if depth > _MAX_DEPTH or seen > _MAX_MODULES:
-            raise PickleError(f"{where}: the module tree is deeper than {_MAX_DEPTH} or cyclic")
+        name = prefix[:-1] or "ema"
+        if id(module) in modules:
+            raise PickleError(
+                f"{where}: module {short(name, 200)} is module "
+                f"{short(modules[id(module)], 200)} again (shared or cyclic)"
+            )
+        modules[id(module)] = name
+        if depth > _MAX_DEPTH or len(modules) > _MAX_MODULES:
+            raise PickleError(
+                f"{where}: the module tree is deeper than {_MAX_DEPTH} or has over "
+                f"{_MAX_MODULES} modules"
+            )
         state = _state(module, where, prefix[:-1])
         skip = state.get("_non_persistent_buffers_set", set())
         if not isinstance(skip, set | frozenset):
             raise PickleError(f"{where}: {prefix}_non_persistent_buffers_set is not a set")
         for kind in ("_parameters", "_buffers"):
-            for name, tensor in _named(state, kind, where, prefix):
-                if tensor is not None and not (kind == "_buffers" and name in skip):
-                    out[prefix + name] = _range(tensor, where, prefix + name)
+            for key, tensor in _named(state, kind, where, prefix):
+                if tensor is None or (kind == "_buffers" and key in skip):
+                    continue
+                if id(tensor) in tensors:
+                    raise PickleError(
+                        f"{where}: {short(prefix + key, 200)} is tensor "
+                        f"{short(tensors[id(tensor)], 200)} again (shared tensors are not written)"
+                    )
+                tensors[id(tensor)] = prefix + key
+                if len(tensors) > _MAX_TENSORS:
+                    raise PickleError(f"{where}: the module tree has over {_MAX_TENSORS} tensors")
+                out[prefix + key] = _range(tensor, where, prefix + key)
         children = list(_named(state, "_modules", where, prefix))
         todo.extend((f"{prefix}{n}.", m, depth + 1) for n, m in reversed(children) if m is not None)
     return out
@@ -264,12 +297,27 @@ def _range(tensor: object, where: str, name: str) -> TensorRange:
 
 
 def _plain(value: object, where: str, name: str) -> Any:
-    """Parsed data -> plain Python (dicts, lists, tuples, sets, scalars); nesting at most 32."""
-    todo: list[tuple[object, list[Any] | dict[Any, Any], Any, int]] = []
-    root: list[Any] = [None]
-    todo.append((value, root, 0, 0))
+    """Parsed data -> plain Python (dicts, lists, tuples, sets, scalars); nesting at most 32.
+
+    Each container is converted once (a shared one stays shared, so ``l = [l, l]`` nested
+    costs one conversion per level), a cycle is refused, at most ``_MAX_PLAIN`` values are
+    visited, and the nesting is checked through shared containers too (by their heights).
+    """
+    todo: list[tuple[object, Any, Any, int]] = [(value, root := [None], 0, 0)]
+    done: dict[int, Any] = {}  # id of a parsed container -> its conversion
+    height: dict[int, int] = {}  # id of a conversion -> levels below it (0: empty)
+    open_: set[int] = set()  # containers whose items are still being converted (ancestors)
+    visits = 0
     while todo:
         v, parent, slot, depth = todo.pop()
+        if v is _CLOSE:  # all items of ``parent`` (parsed container ``slot``) are converted
+            open_.discard(slot)
+            items = parent.values() if isinstance(parent, dict) else parent
+            height[id(parent)] = max((height.get(id(x), 0) + 1 for x in items), default=0)
+            continue
+        visits += 1
+        if visits > _MAX_PLAIN:
+            raise PickleError(f"{where}: {name} holds over {_MAX_PLAIN} values")
         if depth > 32:
             raise PickleError(f"{where}: {name} is nested deeper than 32 levels (or cyclic)")
         out: Any
@@ -277,28 +325,45 @@ def _plain(value: object, where: str, name: str) -> Any:
             out = v
         elif isinstance(v, FileBytes) and v.data is not None:
             out = v.data
-        elif isinstance(v, dict):
-            out = {}
-            todo.extend((x, out, k, depth + 1) for k, x in v.items())
-        elif isinstance(v, list | tuple):
-            # a tuple is filled in place as a _TupleSlot, made a tuple after the walk
-            out = (_TupleSlot if isinstance(v, tuple) else list)([None] * len(v))
-            todo.extend((x, out, i, depth + 1) for i, x in enumerate(v))
+        elif id(v) in open_:
+            raise PickleError(f"{where}: {name} is cyclic (a container holds itself)")
+        elif id(v) in done:
+            out = done[id(v)]
+            if depth + height[id(out)] > 32:
+                raise PickleError(f"{where}: {name} is nested deeper than 32 levels")
+        elif isinstance(v, dict | list | tuple):
+            if isinstance(v, dict):
+                out = {}
+                children = [(x, out, k, depth + 1) for k, x in v.items()]
+            else:  # a tuple is filled in place as a _TupleSlot, made a tuple after the walk
+                out = (_TupleSlot if isinstance(v, tuple) else list)([None] * len(v))
+                children = [(x, out, i, depth + 1) for i, x in enumerate(v)]
+            done[id(v)] = out
+            open_.add(id(v))
+            todo.append((_CLOSE, out, id(v), depth))
+            todo.extend(children)
         else:
             raise PickleError(f"{where}: {name} holds a {short(v)}, not plain data")
         parent[slot] = out
-    return _untuple(root[0])
+    return _untuple(root[0], {})
+
+
+_CLOSE = object()  # marks, in _plain's work list, the end of a container's items
 
 
 class _TupleSlot(list[Any]):
     """A tuple's items while :func:`_plain` fills them; :func:`_untuple` freezes it."""
 
 
-def _untuple(value: Any) -> Any:
-    # Depth is at most 33 here (checked by _plain), so recursion is bounded.
-    if isinstance(value, dict):
-        return {k: _untuple(v) for k, v in value.items()}
-    if isinstance(value, list):
-        items = [_untuple(v) for v in value]
-        return tuple(items) if isinstance(value, _TupleSlot) else items
-    return value
+def _untuple(value: Any, done: dict[int, Any]) -> Any:
+    # Acyclic and at most 33 deep (checked by _plain), so recursion is bounded; ``done``
+    # converts a shared container once, keeping it shared.
+    if not isinstance(value, dict | list):
+        return value
+    if id(value) not in done:
+        if isinstance(value, dict):
+            done[id(value)] = {k: _untuple(v, done) for k, v in value.items()}
+        else:
+            items = [_untuple(v, done) for v in value]
+            done[id(value)] = tuple(items) if isinstance(value, _TupleSlot) else items
+    return done[id(value)]

@@ -91,7 +91,8 @@ def convert_cmd(
             progress=progress,
         )
     except OptionError as exc:
-        flag = "'--update-every'" if "update_every" in str(exc) else "'--stds'"
+        given = "'--gammas'" if gamma_list is not None else "'--stds'"
+        flag = "'--update-every'" if "update_every" in str(exc) else given
         raise typer.BadParameter(str(exc), param_hint=flag) from None
     note(f"converted {len(written)} snapshot(s) into {store.url}")
 

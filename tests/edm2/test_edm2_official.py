@@ -215,3 +215,20 @@ def test_odd_sizes_are_refused_with_the_size_named():
     one_level = Precond(7, 1, 0, model_channels=8, channel_mult=(1,), attn_resolutions=())
     assert one_level(torch.randn(1, 1, 7, 7), 1.0).shape == (1, 1, 7, 7)  # nothing to halve
     assert net(torch.randn(1, 1, 12, 16), 1.0).shape == (1, 1, 12, 16)  # any even size
+
+
+def test_file_sizes_are_checked_before_anything_is_allocated(tmp_path, monkeypatch):
+    net = _random_fp16_net(**KWARGS)
+    pkl = tmp_path / "huge.pkl"
+    pkl.write_bytes(official_snapshot(net, dict(KWARGS, model_channels=10**6)))
+    with pytest.raises(OfficialNetworkError, match="shape mismatches"):
+        load_official_network(str(pkl))  # on the meta device: no 10**6-channel allocation
+    import functools
+
+    @functools.wraps(Precond.__init__)  # the same signature, for precond_kwargs
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(Precond, "__init__", fails)
+    with pytest.raises(OfficialNetworkError, match=r"huge\.pkl: Precond\(.*RuntimeError"):
+        load_official_network(str(pkl))

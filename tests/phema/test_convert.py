@@ -341,3 +341,86 @@ def test_cli_ema_pytorch(tmp_path, capsys):
     assert code == 0
     assert err[0].startswith("warning: update_every=2")
     assert err[-1].startswith("converted 4")
+
+
+# -- review fixes ----------------------------------------------------------------------------
+def test_a_truncated_file_stops_the_run_before_anything_is_written(tmp_path):
+    _official_folder(tmp_path / "run", kimgs=(1024,))
+    good = (tmp_path / "run" / "network-snapshot-0001024-0.050.pkl").read_bytes()
+    bad = tmp_path / "run" / "network-snapshot-0002048-0.050.pkl"
+    bad.write_bytes(good[: len(good) * 3 // 4])
+    with pytest.raises(PickleError, match=r"network-snapshot-0002048-0\.050\.pkl"):
+        convert(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    bad.unlink()
+    assert len(convert(str(tmp_path / "run"), str(tmp_path / "out"))) == 2  # no leftovers
+
+
+def test_a_failed_write_removes_this_runs_outputs_only(tmp_path, monkeypatch):
+    import phema.convert as pc
+
+    _official_folder(tmp_path / "run", kimgs=(1024, 2048))
+    convert(str(tmp_path / "run"), str(tmp_path / "out"))
+    keep = sorted(os.listdir(tmp_path / "out"))
+    real, calls = pc._read_official, []
+
+    def flaky(src, *, check_only=False):
+        if not check_only:
+            calls.append(src.path)
+            if len(calls) == 3:
+                raise PickleError(f"{src.path}: unreadable now")
+        return real(src, check_only=check_only)
+
+    monkeypatch.setattr(pc, "_read_official", flaky)
+    with pytest.raises(PickleError, match=r"2 existing output.* were already replaced"):
+        convert(str(tmp_path / "run"), str(tmp_path / "out"), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == keep  # replaced, never removed
+    calls.clear()
+    with pytest.raises(PickleError, match="removed the 2 output"):
+        convert(str(tmp_path / "run"), str(tmp_path / "new"))
+    assert not os.listdir(tmp_path / "new")
+
+
+def test_two_sources_with_one_output_name_are_refused(tmp_path):
+    _official_folder(tmp_path / "run", kimgs=(128,), stds=("0.050", "0.05"))
+    with pytest.raises(FormatError, match=r"-0\.05\.pkl and .*-0\.050\.pkl both convert to"):
+        convert(str(tmp_path / "run"), str(tmp_path / "out"), overwrite=True)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "ckpt").mkdir()
+    for n in ("0.3.pt", "1.3.pt"):
+        (tmp_path / "ckpt" / n).write_bytes(b"")
+    with pytest.raises(OptionError, match=r"0\.3\.pt and .*1\.3\.pt both convert to"):
+        list_sources(str(tmp_path / "ckpt"), stds=(0.05, 0.05))
+
+
+def test_cli_names_the_gammas_flag(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    for n in ("0.3.pt", "1.3.pt"):
+        (tmp_path / "ckpt" / n).write_bytes(b"")
+    base = ["convert", tmp_path / "ckpt", "--out", tmp_path / "out", "--update-every", "1"]
+    code, _, err = _run(capsys, *base, "--gammas", "5")
+    assert code == 2
+    assert "--gammas" in " ".join(err)
+    assert "--stds" not in " ".join(err)
+
+
+def test_update_every_error_bounds_its_work_and_is_exact_near_gamma_minus_one():
+    assert update_every_error(7.0, 10**11, 1) == 0.0
+    with pytest.raises(ProfileError, match="EMA updates"):
+        update_every_error(7.0, 99999999999, 2)
+    # reference in plain floats, with 0 ** (gamma + 1) = 0 exactly at the first interval
+    gamma, step, k = -1 + 1e-3, 10, 2
+    g1, big_t = gamma + 1, step + 1.0
+    ns = list(range(1, step + 1, k))
+    beta = [0.0] + [(n / (n + 1)) ** g1 for n in ns[1:]]
+    w = [(1 - beta[j]) * math.prod(beta[j + 1 :]) for j in range(len(ns))]
+    a = [0.0] + [float(n) for n in ns[1:]]
+    b = [min(1.0 + k, big_t)] + [min(n + k, big_t) for n in ns[1:]]
+    c = [(bj / big_t) ** g1 - (aj / big_t) ** g1 for aj, bj in zip(a, b, strict=True)]
+    num = sum((wj - cj) ** 2 / (bj - aj) for wj, cj, aj, bj in zip(w, c, a, b, strict=True))
+    den = sum(cj * cj / (bj - aj) for cj, aj, bj in zip(c, a, b, strict=True))
+    assert update_every_error(gamma, step, k) == pytest.approx(math.sqrt(num / den), rel=1e-9)
+    # chunked sums agree with one pass
+    assert update_every_error(3.0, 5 * 2**20, 2) == pytest.approx(
+        update_every_error(3.0, 5 * 2**20 - 1, 2), rel=1e-3
+    )

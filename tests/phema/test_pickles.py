@@ -26,7 +26,13 @@ from torch import nn
 
 from edm2_reference.presets import build_precond
 from phema.errors import FormatError, PickleError
-from phema.pickles import PersistentObject, index_snapshot, index_snapshot_file, read_tensor
+from phema.pickles import (
+    PersistentObject,
+    TensorRange,
+    index_snapshot,
+    index_snapshot_file,
+    read_tensor,
+)
 
 KWARGS = {
     "img_resolution": 8,
@@ -447,7 +453,9 @@ def test_deep_or_cyclic_structures_in_the_snapshot_are_refused(tiny):
     loop = nn.ModuleDict.__new__(nn.ModuleDict)  # NEWOBJ + BUILD: pickle keeps the cycle
     loop.__dict__.update(_parameters={}, _buffers={}, _modules={"again": loop})
     state = {"_parameters": {}, "_buffers": {}, "_modules": {"body": loop}}
-    with pytest.raises(PickleError, match=r"deeper than 256 or cyclic"):
+    with pytest.raises(
+        PickleError, match=r"module body.again is module body again \(shared or cyclic\)"
+    ):
         index(snapshot(tiny, ema=Persistent("Precond", state)))
 
 
@@ -531,3 +539,75 @@ def test_long1_length_is_unsigned():
     with pytest.raises(PickleError) as err:
         index(blob)
     assert "LONG length" not in str(err.value)  # parsed; refused as no snapshot
+
+
+def _kwargs_snapshot(tiny, kwargs):
+    state = {"_parameters": {}, "_buffers": {}, "_init_kwargs": kwargs}
+    return snapshot(tiny, ema=Persistent("Precond", state))
+
+
+def test_shared_init_kwargs_are_converted_once(tiny, monkeypatch):
+    shared = []
+    for _ in range(12):  # l = [l, l]: memo BINGETs; expanded, 8k lists (2**32 at depth 32)
+        shared = [shared, shared]
+    kwargs = index(_kwargs_snapshot(tiny, {"x": shared, "t": ((1,), (1,))})).init_kwargs
+    x = kwargs["x"]
+    for _ in range(11):
+        assert x[0] is x[1]
+        x = x[0]
+    assert x == [[], []]
+    loop = [1]
+    loop.append(loop)
+    with pytest.raises(PickleError, match=r"snap.pkl: _init_kwargs is cyclic"):
+        index(_kwargs_snapshot(tiny, {"loop": loop}))
+    deep = []
+    for _ in range(20):
+        deep = [deep]
+    # the shared list sits at depth 21 under "b", so reusing it 15 levels down nests 36 deep
+    low = deep
+    for _ in range(15):
+        low = [low]
+    with pytest.raises(PickleError, match=r"_init_kwargs is nested deeper than 32"):
+        index(_kwargs_snapshot(tiny, {"a": low, "b": deep}))
+    monkeypatch.setattr("phema.pickles._MAX_PLAIN", 50)
+    with pytest.raises(PickleError, match=r"snap.pkl: _init_kwargs holds over 50 values"):
+        index(_kwargs_snapshot(tiny, {"many": list(range(60))}))
+
+
+def test_shared_modules_and_tensors_are_refused(tiny, monkeypatch):
+    half = torch.ones(2, dtype=torch.float16)
+    leaf = Persistent("Leaf", {"_parameters": {"w": half}, "_buffers": {}})
+    state = {"_parameters": {}, "_buffers": {}, "_modules": {"a": leaf, "b": leaf}}
+    with pytest.raises(PickleError, match=r"snap.pkl: module b is module a again"):
+        index(snapshot(tiny, ema=Persistent("Precond", state)))
+    state = {"_parameters": {"u": half}, "_buffers": {"v": half}}
+    with pytest.raises(PickleError, match=r"snap.pkl: v is tensor u again"):
+        index(snapshot(tiny, ema=Persistent("Precond", state)))
+    monkeypatch.setattr("phema.pickles._MAX_TENSORS", 2)
+    with pytest.raises(PickleError, match=r"over 2 tensors"):
+        index(snapshot(tiny))
+
+
+def test_huge_shapes_are_refused():
+    arr = np.empty((1, 0), dtype=np.float32)
+    fn, args, state = arr.__reduce__()
+    assert state[1] == (1, 0)
+    assert state[4] == b""
+    for shape in ((2**70, 0), (0,) * 33, (0, 2**61, 2**61)):
+        bad = _Reduce3(fn, args, (state[0], shape, *state[2:]))
+        with pytest.raises(PickleError, match=r"numpy array shape .* out of bounds"):
+            index(pickle.dumps({"a": bad}, protocol=4))
+    for shape in ((0, 2**70), (0, 2**61, 2**61)):
+        bad = FakeTensor(0, shape, (1,) * len(shape), False, collections.OrderedDict())
+        with pytest.raises(PickleError, match=r"_rebuild_tensor_v2: shape .* out of bounds"):
+            index(pickle.dumps({"a": bad}, protocol=4))
+    with pytest.raises(PickleError, match=r"cannot be made"):
+        read_tensor(reader(b""), TensorRange(torch.float16, (0, 2**70), 0, 0))
+
+
+class _Reduce3:
+    def __init__(self, fn, args, state):
+        self.reduced = fn, args, state
+
+    def __reduce__(self):
+        return self.reduced
