@@ -51,7 +51,6 @@ from torch import Tensor, nn
 
 from phema.errors import StateError, TrackingError
 from phema.integrations.tracker import EMATracker
-from phema.profiles import sigma_rel_to_gamma
 from phema.tracking import BufferPolicy, PowerFunctionEMA
 
 __all__ = ["EMACallback"]
@@ -127,9 +126,6 @@ class EMACallback(Callback):
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if len(stds) == 0:
-            raise TrackingError("stds is empty: pass at least one profile, e.g. (0.05, 0.10)")
-        sigma_rel_to_gamma([float(s) for s in stds])  # a bad std fails here, not at fit
         self.tracker = EMATracker(
             stds,
             snapshots=snapshots,

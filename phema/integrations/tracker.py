@@ -19,6 +19,7 @@ from torch import nn
 
 from phema._tracked import is_dtensor
 from phema.errors import StateError, TrackingError
+from phema.profiles import sigma_rel_to_gamma
 from phema.tracking import BufferPolicy, PowerFunctionEMA, unwrap_module
 from phema.writer import SnapshotWriter
 
@@ -45,6 +46,11 @@ class EMATracker:
         evaluate_with: Std of the profile to evaluate with, or ``None`` for the
             training weights; must be one of ``stds``.
         storage_options: Passed to fsspec for ``snapshots``.
+
+    Raises:
+        ProfileError: If a std is outside ``(0, 0.2887]``.
+        TrackingError: If ``stds`` is empty, ``snapshots`` has no ``snapshot_every``,
+            ``per_step`` is not positive or ``evaluate_with`` is not a tracked std.
     """
 
     def __init__(
@@ -62,6 +68,9 @@ class EMATracker:
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.stds = tuple(float(s) for s in stds)
+        if not self.stds:
+            raise TrackingError("stds is empty: pass at least one profile, e.g. (0.05, 0.10)")
+        sigma_rel_to_gamma(self.stds)  # a bad std fails here, not when training starts
         if not (math.isfinite(per_step) and per_step > 0):
             raise TrackingError(f"per_step must be finite and > 0, got {per_step}")
         if snapshots is not None and (snapshot_every is None or snapshot_every < 1):

@@ -45,6 +45,10 @@ def test_time_is_steps_times_per_step_and_repeats_are_ignored():
 
 
 def test_options_are_checked_at_construction():
+    with pytest.raises(TrackingError, match="stds is empty"):
+        EMATracker(())
+    with pytest.raises(phema.ProfileError):
+        EMATracker((0.05, 0.5))  # above sqrt(1/12): refused before any training
     with pytest.raises(TrackingError, match="needs snapshot_every"):
         EMATracker(snapshots="memory://x")
     with pytest.raises(TrackingError, match="per_step must be finite"):
