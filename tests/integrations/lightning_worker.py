@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -106,6 +107,11 @@ def main() -> None:
     out = Path(sys.argv[1])
     for mode in ("plain", "partition"):
         fit(out / mode, partition=mode == "partition")
+    # Leave no gloo threads behind at exit (an abort there fails the run); the frameworks
+    # start the process group and do not end it.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -115,6 +116,11 @@ def main() -> None:
     run(out, mode, "full", seed=0, stop_at=None, resume=None)
     run(out, mode, "stopped", seed=0, stop_at=4, resume=None)
     run(out, mode, "resumed", seed=3, stop_at=None, resume=str(out / "run" / "checkpoint-4"))
+    # Leave no gloo threads behind at exit (an abort there fails the run); the frameworks
+    # start the process group and do not end it.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
