@@ -5,8 +5,9 @@ An official ``network-snapshot-<kimg>-<std>.pkl`` (or the official reconstructio
 (``_init_kwargs``: ``img_resolution``, ``img_channels``, ``label_dim``, ``model_channels``,
 ``dropout``, ``use_fp16``, ...) next to its tensors. :func:`load_official_network` indexes the
 file with :mod:`phema.pickles` (nothing in it is imported or executed; no ``pickle.load``),
-builds ``Precond(**init_kwargs)``, reads each tensor by its byte range (positioned reads, also
-over any fsspec URL) and loads them with ``load_state_dict(strict=True)``. Constructor
+builds ``Precond(**init_kwargs)``, reads each tensor by its byte range (exact ranged reads
+through a :class:`~phema.store.SnapshotStore` of the file's folder: local, ``s3://``, ``hf://``,
+``https://``; a file replaced mid-read is a ``ChangedError``) and loads them with ``load_state_dict(strict=True)``. Constructor
 arguments this network does not know are refused by name, before anything is read.
 """
 
@@ -16,12 +17,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 
 from edm2_reference.network import Precond
 from phema.errors import PhemaError
 from phema.pickles import PersistentObject, PickleIndex, index_snapshot, read_tensor
+from phema.store import SnapshotStore
 
 __all__ = [
     "LATENT_ENCODER",
@@ -129,35 +130,34 @@ def load_official_network(
             a non-RGB encoder under ``require_rgb``, or tensors that do not fit.
         phema.errors.PickleError: The file is not a well-formed official snapshot.
     """
-    fs, path = fsspec.core.url_to_fs(source)
-    size = int(fs.size(path))
-    with fs.open(path, "rb") as f:
+    folder, sep, name = source.rstrip("/").rpartition("/")
+    store = SnapshotStore(folder if sep else ".")
+    path = store.path_of(name)
+    size, identity = store.backend.identity_of(path)
 
-        def read_at(offset: int, n: int) -> bytes:
-            f.seek(offset)
-            data: bytes = f.read(n)
-            return data
+    def read_at(offset: int, n: int) -> bytes:  # from the version indexed, or ChangedError
+        return store.read_range(path, offset, offset + n, identity)
 
-        index = index_snapshot(read_at, size, source)
-        if index.class_name != "Precond":
-            raise OfficialNetworkError(
-                f"{source}: its network is a {index.class_name!r}, not an EDM2 Precond"
-            )
-        encoder = _encoder(index, source)
-        if require_rgb and encoder != RGB_ENCODER:
-            why = (
-                "a latent model: decoding its samples needs the Stable Diffusion VAE "
-                "(stabilityai/sd-vae-ft-mse), which edm2_reference does not include"
-                if encoder == LATENT_ENCODER
-                else "an encoder edm2_reference does not know"
-            )
-            raise OfficialNetworkError(f"{source}: its encoder is {encoder} ({why})")
-        kwargs = precond_kwargs(index.init_kwargs, index.init_args, where=source)
-        # names and shapes first, on the meta device (no memory): file-supplied sizes
-        # (model_channels=10**6) must not reach the allocator before they are checked
-        _check_fit(_build(kwargs, source, torch.device("meta")), index, source)
-        net = _build(kwargs, source, None)
-        state = {name: read_tensor(read_at, t) for name, t in index.tensors.items()}
+    index = index_snapshot(read_at, size, source)
+    if index.class_name != "Precond":
+        raise OfficialNetworkError(
+            f"{source}: its network is a {index.class_name!r}, not an EDM2 Precond"
+        )
+    encoder = _encoder(index, source)
+    if require_rgb and encoder != RGB_ENCODER:
+        why = (
+            "a latent model: decoding its samples needs the Stable Diffusion VAE "
+            "(stabilityai/sd-vae-ft-mse), which edm2_reference does not include"
+            if encoder == LATENT_ENCODER
+            else "an encoder edm2_reference does not know"
+        )
+        raise OfficialNetworkError(f"{source}: its encoder is {encoder} ({why})")
+    kwargs = precond_kwargs(index.init_kwargs, index.init_args, where=source)
+    # names and shapes first, on the meta device (no memory): file-supplied sizes
+    # (model_channels=10**6) must not reach the allocator before they are checked
+    _check_fit(_build(kwargs, source, torch.device("meta")), index, source)
+    net = _build(kwargs, source, None)
+    state = {key: read_tensor(read_at, t) for key, t in index.tensors.items()}
     net.load_state_dict(state, strict=True)
     return OfficialNetwork(net.to(device).freeze(), encoder, kwargs, index)
 

@@ -13,7 +13,8 @@ another version raises :class:`~phema.errors.ChangedError`; a read that names no
 reads whatever is there, with no extra request.
 
 Backends (one class each): local disk (:mod:`phema._local`), S3 (:mod:`phema._s3`),
-``memory://`` and any other fsspec filesystem (here), and the Hub (:mod:`phema.hub`).
+``memory://`` and any other fsspec filesystem (here), the Hub (:mod:`phema.hub`), and
+read-only ``http(s)://`` (:mod:`phema._http`).
 """
 
 from __future__ import annotations
@@ -280,4 +281,8 @@ def backend_for(fs: Any, url: str) -> Backend:
         from phema._s3 import S3Backend
 
         return S3Backend(fs, url)
+    if "http" in protos or "https" in protos:
+        from phema._http import HTTPBackend
+
+        return HTTPBackend(fs, url)
     return Backend(fs, url)

@@ -53,6 +53,7 @@ class SnapshotInfo:
     identity: str = ""  # the version listed (see phema._backends); "" = not pinned
     shards: tuple[Shard, ...] = ()  # a sharded snapshot's shard files (phema.shards)
     segments: tuple[Segment, ...] = ()  # where its logical bytes lie in them
+    index_bytes: int = 0  # an official pickle (phema._official): bytes read to index it
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,17 @@ def _is_output(header: Header) -> bool:
     return kind == "reconstruction" or (kind == "sharded" and content == "reconstruction")
 
 
-def scan_files(listed: Iterable[Listed], problems: list[Problem]) -> Scan:
-    """Sort listed files into snapshots and outputs; ``problems`` gets the invalid ones."""
+def scan_files(listed: Iterable[Listed | SnapshotInfo], problems: list[Problem]) -> Scan:
+    """Sort listed files into snapshots and outputs; ``problems`` gets the invalid ones.
+
+    Entries already read as snapshots (official pickles, :mod:`phema._official`) are taken
+    as they are.
+    """
     snapshots, outputs = [], []
     for entry in listed:
+        if isinstance(entry, SnapshotInfo):
+            snapshots.append(entry)
+            continue
         output = _is_output(entry[3])
         try:
             if output:

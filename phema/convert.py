@@ -4,7 +4,9 @@ Two sources, told apart by their file names (a local folder):
 
 **Official EDM2 snapshots** ``network-snapshot-<kimg>-<std>.pkl``. Tensors are read
 with :mod:`phema.pickles` (nothing in the pickle is executed) and keep their stored
-dtype (fp16). The time is in images, from the name's kimg by the official rule: the
+dtype (fp16); buffers are marked copied, as the official EMA copies them. (A store
+also reads such a folder in place, :mod:`phema._official`; converting makes a copy in
+phema's format.) The time is in images, from the name's kimg by the official rule: the
 one multiple of 1024 in ``[1000 kimg, 1000 kimg + 999]`` (:func:`official_nimg`); the
 std is the name's. ``step`` is left unknown (the name does not give the batch size).
 
@@ -47,6 +49,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from phema._official import OFFICIAL_NAME as OFFICIAL
+from phema._official import official_nimg
 from phema.errors import (
     ExistsError,
     FormatError,
@@ -70,7 +74,6 @@ __all__ = [
 ]
 
 Kind = Literal["official", "ema-pytorch"]
-OFFICIAL = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.pkl")
 EMA_PYTORCH = re.compile(r"(\d+)\.(\d+)\.pt")
 WRAPPER = "ema_model."
 BOOKKEEPING = ("initted", "step")
@@ -88,25 +91,6 @@ class Source:
     std: float
     step: int | None
     t_unit: str
-
-
-def official_nimg(kimg: int, name: str = "") -> int:
-    """Images of an official snapshot named with ``kimg``: ``(1000 kimg + 999) // 1024 * 1024``.
-
-    That is the multiple of 1024 in ``[1000 kimg, 1000 kimg + 999]``; the training loop
-    only writes such times. A kimg without one (``42``: 41984 < 42000, 43008 > 42999) is refused.
-
-    Example:
-        >>> official_nimg(8388), official_nimg(2147483) == 2**31, official_nimg(128)
-        (8388608, True, 128000)
-    """
-    nimg = (kimg * 1000 + 999) // 1024 * 1024
-    if nimg < kimg * 1000:
-        raise FormatError(
-            f"{name or kimg}: kimg {kimg} names no multiple of 1024 images (the official "
-            f"training loop writes only those; [{kimg * 1000}, {kimg * 1000 + 999}] holds none)"
-        )
-    return nimg
 
 
 def _kind(names: Sequence[str], folder: str) -> Kind:
@@ -265,8 +249,14 @@ def update_every_error(gamma: float, step: int, update_every: int) -> float:
     return math.sqrt(num / den)
 
 
-def _read_official(src: Source, *, check_only: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of an official snapshot; with ``check_only``, only its index, checked."""
+Read = tuple[dict[str, torch.Tensor], tuple[str, ...]]  # tensors, and the copied ones' names
+
+
+def _read_official(src: Source, *, check_only: bool = False) -> Read:
+    """The tensors of an official snapshot and its buffers' names; ``check_only``: index only.
+
+    Buffers are copied by the official EMA, not averaged.
+    """
     fd = os.open(src.path, os.O_RDONLY)
     try:
 
@@ -282,13 +272,13 @@ def _read_official(src: Source, *, check_only: bool = False) -> dict[str, torch.
                     f"file's {size} bytes (a truncated file?)"
                 )
         if check_only:
-            return {}
-        return {name: read_tensor(read_at, r) for name, r in index.tensors.items()}
+            return {}, index.buffers
+        return {name: read_tensor(read_at, r) for name, r in index.tensors.items()}, index.buffers
     finally:
         os.close(fd)
 
 
-def _read_ema_pytorch(src: Source, *, check_only: bool = False) -> dict[str, torch.Tensor]:
+def _read_ema_pytorch(src: Source, *, check_only: bool = False) -> Read:
     """The tensors of a checkpoint; ``check_only`` maps it (no copy) where it can."""
     try:
         try:
@@ -318,7 +308,7 @@ def _read_ema_pytorch(src: Source, *, check_only: bool = False) -> dict[str, tor
             raise FormatError(f"{src.path}: key {key!r} is not under {WRAPPER!r} (not a KarrasEMA)")
         if not check_only:
             out[key[len(WRAPPER) :]] = value.contiguous()
-    return out
+    return out, ()  # ema-pytorch averages floating buffers too
 
 
 def convert(
@@ -381,10 +371,10 @@ def convert(
     replaced: list[str] = []  # outputs that existed and were overwritten: cannot come back
     try:
         for s in sources:
-            tensors = read(s)
+            tensors, copied = read(s)
             gamma = float(sigma_rel_to_gamma(s.std))
             meta = snapshot_metadata(
-                tensors, t=s.t, std=s.std, gamma=gamma, t_unit=s.t_unit, step=s.step
+                tensors, t=s.t, std=s.std, gamma=gamma, t_unit=s.t_unit, step=s.step, copied=copied
             )
             name = snapshot_name(s.t, s.std)
             existed = overwrite and store.exists(name)

@@ -122,6 +122,8 @@ class PickleIndex:
 
     Attributes:
         tensors: State-dict name -> byte range, in ``nn.Module.state_dict()`` order.
+        buffers: The names among ``tensors`` that are buffers, not parameters (an official
+            EMA copies them from the training network instead of averaging them).
         class_name: Class name recorded for ``ema`` (``"Precond"`` for EDM2).
         init_kwargs: The constructor keyword arguments recorded for ``ema``, as plain
             Python values (dicts, lists, tuples, str, numbers, None).
@@ -134,6 +136,7 @@ class PickleIndex:
     """
 
     tensors: dict[str, TensorRange]
+    buffers: tuple[str, ...]
     class_name: str
     init_kwargs: dict[str, Any]
     init_args: tuple[Any, ...]
@@ -175,8 +178,10 @@ def index_snapshot(read_at: Callable[[int, int], bytes], size: int, where: str) 
         raise PickleError(f"{where}: ema's _init_kwargs is not a dict of names")
     if not isinstance(args, tuple | list):
         raise PickleError(f"{where}: ema's _init_args is not a tuple")
+    tensors, buffers = _walk(ema, where)
     return PickleIndex(
-        tensors=_walk(ema, where),
+        tensors=tensors,
+        buffers=buffers,
         class_name=ema.class_name,
         init_kwargs=kwargs,
         init_args=tuple(args),
@@ -220,13 +225,15 @@ def _state(module: object, where: str, name: str) -> dict[Any, Any]:
     return state
 
 
-def _walk(ema: object, where: str) -> dict[str, TensorRange]:
-    """State-dict names and ranges, as ``nn.Module.state_dict()`` orders them (no recursion).
+def _walk(ema: object, where: str) -> tuple[dict[str, TensorRange], tuple[str, ...]]:
+    """State-dict names and ranges in ``state_dict()`` order, and the buffers' names.
 
+    The walk uses no recursion.
     The module records form a tree: one reached twice (shared or cyclic) is refused, and so is
     one tensor record under two names (torch writes neither), so the work is linear in the file.
     """
     out: dict[str, TensorRange] = {}
+    buffers: list[str] = []
     todo: list[tuple[str, object, int]] = [("", ema, 0)]
     modules: dict[int, str] = {}
     tensors: dict[int, str] = {}
@@ -261,9 +268,11 @@ def _walk(ema: object, where: str) -> dict[str, TensorRange]:
                 if len(tensors) > _MAX_TENSORS:
                     raise PickleError(f"{where}: the module tree has over {_MAX_TENSORS} tensors")
                 out[prefix + key] = _range(tensor, where, prefix + key)
+                if kind == "_buffers":
+                    buffers.append(prefix + key)
         children = list(_named(state, "_modules", where, prefix))
         todo.extend((f"{prefix}{n}.", m, depth + 1) for n, m in reversed(children) if m is not None)
-    return out
+    return out, tuple(buffers)
 
 
 def _named(state: dict[Any, Any], kind: str, where: str, prefix: str) -> list[tuple[str, Any]]:

@@ -271,7 +271,7 @@ def verify_shards(store: SnapshotStore, info: Info) -> Info:
         StorageError: Naming a shard that is missing, belongs to another snapshot, or
             differs from what the manifest records.
     """
-    if not info.shards:
+    if all(shard.identity for shard in info.shards):  # none, or checked when listed
         return info
     assert info.header is not None
     snapshot_id = info.header.metadata.get("phema.snapshot_id", "")

@@ -65,6 +65,7 @@ from phema._listing import (
 )
 from phema._local import fsync_dir, link_noreplace, temp_name
 from phema._meta import gamma_disagrees
+from phema._official import OFFICIAL_NAME, PICKLE_NAME, official_info
 from phema._s3 import bound_calls, s3_options
 from phema.errors import (
     ExistsError,
@@ -256,6 +257,9 @@ class SnapshotStore:
         else:
             self.backend = backend_for(self.fs, url)
         self.backend.root = self.root
+        #: Official pickles indexed by this store, by ``(path, identity)``: each version
+        #: of a file is indexed once, however often the store is listed.
+        self._pickles: dict[tuple[str, str], SnapshotInfo] = {}
 
     def path_of(self, name: str) -> str:
         """Path of file ``name`` inside the store, for the store's filesystem."""
@@ -450,8 +454,11 @@ class SnapshotStore:
         problems: builtins.list[Problem] = []
         return scan_files(self._headers(problems), problems)
 
-    def _headers(self, problems: builtins.list[Problem]) -> Iterator[Listed]:
+    def _headers(self, problems: builtins.list[Problem]) -> Iterator[Listed | SnapshotInfo]:
         """``(path, url, size, header, identity)`` of every safetensors file in the folder.
+
+        Official EDM2 snapshots (``network-snapshot-<kimg>-<std>.pkl``) come as the
+        :class:`SnapshotInfo` that indexing them gives (:mod:`phema._official`).
 
         Each file's size, header and identity come from one version of it (one ``fstat``
         locally, the ETag of the first GET sent as ``If-Match`` with the second on S3, one
@@ -480,11 +487,14 @@ class SnapshotStore:
         for entry in entries:
             path = str(entry["name"])
             name = os.path.basename(path.rstrip("/"))
-            if entry.get("type") != "file" or not name.endswith(SUFFIX) or name.startswith("."):
+            official = OFFICIAL_NAME.fullmatch(name) is not None
+            if entry.get("type") != "file" or name.startswith("."):
+                continue
+            if not (name.endswith(SUFFIX) or official):
                 continue
             source = f"{self.url.rstrip('/')}/{name}"
             try:
-                found = self._listed(path, source)
+                found = self._official(path, source) if official else self._listed(path, source)
             except FileNotFoundError:
                 continue  # removed since the folder was listed
             except (FormatError, _Unreadable) as exc:
@@ -503,8 +513,36 @@ class SnapshotStore:
         except Exception as exc:
             raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
 
+    def _official(self, path: str, source: str) -> SnapshotInfo:
+        """The entry of an official pickle (indexed once per version); failures named."""
+        backend = self.backend
+        try:
+            version = backend.identity_of(path)
+            if (found := self._pickles.get((path, version[1]))) is not None:
+                return found
+            info = official_info(
+                path,
+                source,
+                os.path.basename(path),
+                version,
+                lambda offset, n: self.read_range(path, offset, offset + n),
+                lambda: backend.identity_of(path)[1],
+            )
+        except (FileNotFoundError, PhemaError):
+            raise
+        except PermissionError as exc:
+            raise _Unreadable(exc) from exc
+        except Exception as exc:
+            raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
+        self._pickles[(path, version[1])] = info
+        return info
+
     def info(self, name: str) -> SnapshotInfo | ReconstructionInfo:
         """The listing entry of one file, ``name`` in the store, read from its header alone.
+
+        An official EDM2 pickle (``<prefix>-<kimg>-<std>.pkl``: a training snapshot, or an
+        output of the official reconstruction tool) is indexed instead
+        (:mod:`phema._official`), and reads as a snapshot.
 
         Raises:
             StorageError: If the file does not exist or cannot be read.
@@ -513,6 +551,8 @@ class SnapshotStore:
         root = self.backend.pin(self.root)
         path, source = f"{root.rstrip('/')}/{name}", f"{self.url.rstrip('/')}/{name}"
         try:
+            if PICKLE_NAME.fullmatch(name):
+                return self._official(path, source)
             listed = self._listed(path, source)
         except FileNotFoundError:
             raise StorageError(f"{source} does not exist") from None

@@ -18,6 +18,9 @@ from phema_cli.options import JsonOpt, UrlArg, check_finite
 def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
     """List a store: its snapshots (time, std, step, size, layout) and any reconstructions.
 
+    A folder of official EDM2 network-snapshot-<kimg>-<std>.pkl files is a store too
+    (local, s3://, hf:// or https://): each is indexed without running anything in it.
+
     Files that are not valid phema files are named, one line each on stderr, after the
     valid ones are listed (exit code 1). Snapshots that do not belong with the rest of
     the store (another model, dtype, time unit) are listed and flagged.
@@ -30,6 +33,13 @@ def ls(url: UrlArg, as_json: JsonOpt = False) -> None:
         _ls_json(found.snapshots, found.outputs, odd)
     else:
         _ls_tables(url, infos, outputs, odd)
+        pickles = [i for i in infos if i.index_bytes]
+        if pickles:
+            read, total = sum(i.index_bytes for i in pickles), sum(i.size for i in pickles)
+            note(
+                f"{len(pickles)} official EDM2 pickle(s), indexed without running anything in "
+                f"them: read {read:,} of {total:,} bytes ({100 * read / total:.2g}%)"
+            )
         if odd:
             info = next(i for i in infos if id(i) in odd)
             note(
@@ -63,7 +73,8 @@ def _ls_json(
             "step": i.step,
             "bytes": i.size,
             "layout": i.layout,
-            "shards": len(i.shards),
+            "shards": len(i.shards) if not i.index_bytes else 0,
+            "index_bytes": i.index_bytes or None,
             "mixed": odd.get(id(i)),
         }
         typer.echo(json.dumps(row))
@@ -87,13 +98,14 @@ def _ls_tables(
 ) -> None:
     if infos or not outputs:
         table = Table(title=plain(f"{len(infos)} snapshots in {url}"))
-        sharded = any(i.shards for i in infos)  # written by several ranks: how many files
+        # written by several ranks: how many files (an official pickle is its own one shard)
+        sharded = any(i.shards and not i.index_bytes for i in infos)
         cols = ("t", "unit", "std", "step", "bytes", *(("shards",) if sharded else ()))
         for col in (*cols, "layout", "file"):
             left = col in ("unit", "layout", "file")
             table.add_column(col, justify="left" if left else "right", overflow="fold")
         for i in infos:
-            shards = (str(len(i.shards) or ""),) if sharded else ()
+            shards = (str(len(i.shards) if not i.index_bytes else ""),) if sharded else ()
             mark = " !" if id(i) in odd else ""
             table.add_row(
                 f"{i.t:g}",

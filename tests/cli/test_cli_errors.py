@@ -17,19 +17,11 @@ import torch
 import phema
 from phema.format import serialize
 from phema.store import snapshot_metadata, snapshot_name
-from phema_cli.app import main
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from clirun import run_cli
+
 from phema_cli.errors import describe
-
-
-def _run(capsys, *args):
-    """``(exit code, stdout, stderr lines)`` of ``phema *args`` run in this process."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
 
 
 def _one_error(lines, *needles):
@@ -89,14 +81,14 @@ def test_invalid_flag_values_exit_2_with_one_line(capsys, store_dir, tmp_path, a
     args = [
         str(store_dir) if a == "STORE" else str(tmp_path / "out") if a == "OUT" else a for a in args
     ]
-    code, _, err = _run(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert code == 2
     _one_error(err, shown)
     assert not (tmp_path / "out").exists()  # nothing read, nothing written
 
 
 def test_text_in_brackets_is_shown_as_given(capsys, tmp_path):
-    code, _, err = _run(capsys, "ls", "runs/[bold]exp")
+    code, _, err = run_cli(capsys, "ls", "runs/[bold]exp")
     assert code == 1
     _one_error(err, "runs/[bold]exp does not exist")
     # A store (and its files) whose names hold brackets list verbatim.
@@ -104,20 +96,20 @@ def test_text_in_brackets_is_shown_as_given(capsys, tmp_path):
     store = phema.SnapshotStore(str(root))
     _save(store, 100.0, 0.05)
     os.rename(root / snapshot_name(100.0, 0.05), root / "phema-[b]x.safetensors")
-    code, out, err = _run(capsys, "ls", root)
+    code, out, err = run_cli(capsys, "ls", root)
     assert code == 0, err
     assert "[red]run" in out
     assert "phema-[b]x.safetensors" in out
     # Terminal escapes in a file name are shown spelled out, never sent to the terminal.
     os.rename(root / "phema-[b]x.safetensors", root / "phema-\x1b[2Jx.safetensors")
-    code, out, err = _run(capsys, "ls", root)
+    code, out, err = run_cli(capsys, "ls", root)
     assert code == 0, err
     assert "\x1b" not in out
     assert "phema-\\x1b[2Jx.safetensors" in out
     # An output folder with brackets is the folder written and the folder reported.
     _save(store, 200.0, 0.05)
     dest = tmp_path / "runs" / "[red]ema"
-    code, out, err = _run(capsys, "reconstruct", root, "--std", "0.05", "--out", dest)
+    code, out, err = run_cli(capsys, "reconstruct", root, "--std", "0.05", "--out", dest)
     assert code == 0, err
     assert str(dest) in out
     assert len(list(dest.iterdir())) == 1
@@ -125,11 +117,11 @@ def test_text_in_brackets_is_shown_as_given(capsys, tmp_path):
 
 def test_help_shows_flags_as_flags_and_no_markup(capsys):
     for command in ("ls", "plan", "reconstruct", "clean", "demo"):
-        code, out, _ = _run(capsys, command, "--help")
+        code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0
         assert "<bool>" not in out
         assert "``" not in out
-    code, out, _ = _run(capsys, "reconstruct", "--help")
+    code, out, _ = run_cli(capsys, "reconstruct", "--help")
     assert "--overwrite" in out
     assert "--allow-after-last" in out
     assert "[default: 8]" in out  # defaults shown
@@ -137,7 +129,7 @@ def test_help_shows_flags_as_flags_and_no_markup(capsys):
 
 def test_existing_outputs_are_refused_before_any_read(capsys, store_dir, tmp_path, monkeypatch):
     dest = tmp_path / "out"
-    code, _, err = _run(capsys, "reconstruct", store_dir, "--std", "0.07", "--out", dest)
+    code, _, err = run_cli(capsys, "reconstruct", store_dir, "--std", "0.07", "--out", dest)
     assert code == 0, err
     reads = []
     original = phema.SnapshotStore.read_into
@@ -146,7 +138,7 @@ def test_existing_outputs_are_refused_before_any_read(capsys, store_dir, tmp_pat
         "read_into",
         lambda self, *a, **k: reads.append(a) or original(self, *a, **k),
     )
-    code, _, err = _run(capsys, "reconstruct", store_dir, "--std", "0.07", "--out", dest)
+    code, _, err = run_cli(capsys, "reconstruct", store_dir, "--std", "0.07", "--out", dest)
     assert code == 1
     _one_error(err, str(dest), "exists; pass --overwrite to replace it")
     assert "overwrite=True" not in err[0]
@@ -156,7 +148,9 @@ def test_existing_outputs_are_refused_before_any_read(capsys, store_dir, tmp_pat
 def test_an_unwritable_destination_is_named_before_any_read(capsys, store_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code, _, err = _run(capsys, "reconstruct", store_dir, "--std", "0.07", "--out", blocker / "out")
+    code, _, err = run_cli(
+        capsys, "reconstruct", store_dir, "--std", "0.07", "--out", blocker / "out"
+    )
     assert code == 1
     _one_error(err, f"cannot write the outputs to {blocker / 'out'}")
 
@@ -164,12 +158,12 @@ def test_an_unwritable_destination_is_named_before_any_read(capsys, store_dir, t
 def test_plot_errors_name_the_users_path(capsys, store_dir, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     png = tmp_path / "missing" / "p.png"
-    code, _, err = _run(capsys, "plan", store_dir, "--std", "0.07", "--plot", png)
+    code, _, err = run_cli(capsys, "plan", store_dir, "--std", "0.07", "--plot", png)
     assert code == 1
     _one_error(err, f"cannot write {png}")
     assert ".tmp-" not in err[0]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    code, _, err = _run(capsys, "plan", store_dir, "--std", "0.07", "--plot", tmp_path / "p.png")
+    code, _, err = run_cli(capsys, "plan", store_dir, "--std", "0.07", "--plot", tmp_path / "p.png")
     assert code == 1
     _one_error(err, "pip install 'torch-phema[plot]'")
 
@@ -178,7 +172,7 @@ def test_plot_errors_name_the_users_path(capsys, store_dir, tmp_path, monkeypatc
 def test_after_last_is_allowed_when_asked_and_warnings_print_once(capsys, store_dir, tmp_path):
     dest = tmp_path / "out"
     args = ("reconstruct", store_dir, "--std", "0.07", "--out", dest, "--at", "500")
-    code, out, err = _run(capsys, *args, "--allow-after-last")
+    code, out, err = run_cli(capsys, *args, "--allow-after-last")
     assert code == 0, err
     warned = [line for line in err if line.startswith("warning:")]
     assert len(warned) == 1, err  # the plan's warning, once
@@ -191,7 +185,7 @@ def test_ls_lists_good_files_names_bad_ones_and_flags_mixed_stores(capsys, store
     _save(store, 500.0, 0.05, tensors={"w": torch.ones(4), "b": torch.ones(2)})  # other layout
     (store_dir / "phema-broken.safetensors").write_bytes(b"\x10" + bytes(7) + b"{")
     _save(store, 600.0, 0.05, **{"phema.std": "[/]"})
-    code, out, err = _run(capsys, "ls", store_dir)
+    code, out, err = run_cli(capsys, "ls", store_dir)
     assert code == 1
     assert "9 snapshots" in out
     errors = [line for line in err if line.startswith("error:")]
@@ -199,16 +193,16 @@ def test_ls_lists_good_files_names_bad_ones_and_flags_mixed_stores(capsys, store
     assert any("phema-broken.safetensors" in e for e in errors)
     assert any("phema.std='[/]'" in e for e in errors)  # the value shown, brackets and all
     assert any("1 of 9 snapshots do not belong" in line for line in err)
-    code, out, _ = _run(capsys, "ls", store_dir, "--json")
+    code, out, _ = run_cli(capsys, "ls", store_dir, "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert sum(r["mixed"] is not None for r in rows) == 1
-    code, _, err = _run(capsys, "plan", store_dir, "--std", "0.07")
+    code, _, err = run_cli(capsys, "plan", store_dir, "--std", "0.07")
     assert code == 1
     _one_error(err)  # refuses the store, naming the first bad file
 
 
 def test_plan_shows_coefficients_by_snapshot_with_a_legend(capsys, store_dir):
-    code, out, err = _run(capsys, "plan", store_dir, "--std", "0.1")
+    code, out, err = run_cli(capsys, "plan", store_dir, "--std", "0.1")
     assert code == 0, err
     assert "+1 (t=400, std 0.1)" in out  # a stored profile: one snapshot, weight exactly 1
     assert "reads 1 snapshots" in out
@@ -274,7 +268,7 @@ def test_console_script_agrees_with_the_entry_point(store_dir):
 def test_errors_under_torchrun_name_their_rank(capsys, store_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    code, _, err = _run(capsys, "plan", store_dir, "--std", "nan")
+    code, _, err = run_cli(capsys, "plan", store_dir, "--std", "nan")
     assert code == 2
     _one_error(err, "error: rank 1: ", "std nan")
     dist_error = type("DistNetworkError", (RuntimeError,), {"__module__": "torch.distributed"})
@@ -293,7 +287,7 @@ def test_an_unreadable_file_is_named_and_the_others_still_list(capsys, store_dir
         return head(self, path, want)
 
     monkeypatch.setattr(backend, "head", refuse)  # root reads any file: refuse one by hand
-    code, out, err = _run(capsys, "ls", store_dir)
+    code, out, err = run_cli(capsys, "ls", store_dir)
     assert code == 1
     assert "7 snapshots" in out
     _one_error(err, snapshot_name(100.0, 0.05), "Permission denied")
@@ -312,7 +306,7 @@ def test_ls_json_takes_only_the_known_fit_keys(capsys, tmp_path):
         "phema.fit": '{"rel_error": 0.5, "l1_norm": 1, "condition": 2, "file": 1, "kind": 2}',
     }
     store.write("phema-ema-000000000100-0.1000.safetensors", serialize(tensors, meta))
-    code, out, err = _run(capsys, "ls", tmp_path / "run", "--json")
+    code, out, err = run_cli(capsys, "ls", tmp_path / "run", "--json")
     assert code == 0, err
     (row,) = [json.loads(line) for line in out.splitlines()]
     assert row["kind"] == "reconstruction"  # a crafted fit key cannot overwrite a field

@@ -18,6 +18,7 @@ from edm2_reference.sampler import generate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from official_pickles import official_snapshot
+from rangeserver import serve
 
 # digits8 as the official training script would record it (lists, as its kwargs are)
 KWARGS = {
@@ -77,6 +78,25 @@ def test_loads_the_recorded_architecture_and_weights(official):
         assert torch.equal(got[k], v.float()), k
     assert not loaded.net.training
     assert loaded.index.bytes_read < loaded.index.size
+
+
+def test_a_url_loads_by_ranged_reads_each_byte_once(official, tmp_path):
+    pkl, _, state = official
+    with serve(str(pkl.parent)) as (url, log):
+        loaded = load_official_network(f"{url}/{pkl.name}")
+        first = list(log.gets)
+        png = tmp_path / "url.png"
+        args = ["--net", f"{url}/{pkl.name}", "--seeds", "0-2", "--steps", "3", "--out", str(png)]
+        assert _main([*args, "--device", "cpu"]) == 0
+    got = loaded.net.state_dict()
+    for k, v in state.items():
+        assert torch.equal(got[k], v.float()), k
+    tensor_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    assert sum(e - s for _, s, e in first) == loaded.index.bytes_read + tensor_bytes
+    local = tmp_path / "local.png"
+    args = ["--net", str(pkl), "--seeds", "0-2", "--steps", "3", "--out", str(local)]
+    assert _main([*args, "--device", "cpu"]) == 0
+    assert png.read_bytes() == local.read_bytes()
 
 
 def test_sampling_the_pickle_equals_sampling_the_safetensors(official, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from torch import nn
 import phema
 from phema.convert import convert, list_sources, official_nimg, update_every_error
 from phema.errors import ExistsError, FormatError, OptionError, PickleError, ProfileError
-from phema_cli.app import main
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from clirun import run_cli
 
 STDS = ("0.050", "0.100")
 KIMGS = (1024, 2048, 3072, 4096)
@@ -275,37 +278,27 @@ def test_ema_pytorch_needs_stds_and_update_every(tmp_path):
 
 
 # -- the command -----------------------------------------------------------------------------
-def _run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
-
-
 def test_cli_converts_and_refuses(tmp_path, capsys):
     _official_folder(tmp_path / "run", kimgs=(1024, 2048))
-    code, _, err = _run(capsys, "convert", tmp_path / "run", "--out", tmp_path / "out")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "run", "--out", tmp_path / "out")
     assert code == 0
     assert err[-1].startswith("converted 4 snapshot(s)")
     assert "network-snapshot-0001024-0.050.pkl -> " in err[0]
-    code, _, err = _run(capsys, "convert", tmp_path / "run", "--out", tmp_path / "out")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "run", "--out", tmp_path / "out")
     assert code == 1
     assert len(err) == 1
     assert "exists; pass overwrite (--overwrite)" in err[0]
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "convert", tmp_path / "run", "--out", tmp_path / "out", "--overwrite"
     )
     assert code == 0
     (tmp_path / "run" / "notes.pkl").write_bytes(b"")
-    code, _, err = _run(capsys, "convert", tmp_path / "run", "--out", tmp_path / "o2")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "run", "--out", tmp_path / "o2")
     assert code == 1
     assert len(err) == 1
     assert err[0].startswith("error: ")
     assert "notes.pkl" in err[0]
-    code, _, err = _run(capsys, "convert", tmp_path / "nothing", "--out", tmp_path / "o2")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "nothing", "--out", tmp_path / "o2")
     assert code == 1
     assert len(err) == 1
     assert "not a local folder" in err[0]
@@ -314,28 +307,28 @@ def test_cli_converts_and_refuses(tmp_path, capsys):
 def test_cli_ema_pytorch(tmp_path, capsys):
     _train(tmp_path / "ckpt", update_every=2, steps=6)
     base = ["convert", tmp_path / "ckpt", "--out", tmp_path / "out"]
-    code, _, err = _run(capsys, *base, "--update-every", "2")
+    code, _, err = run_cli(capsys, *base, "--update-every", "2")
     assert code == 2
     assert len(err) == 1
     assert "--stds" in err[0]
-    code, _, err = _run(capsys, *base, "--stds", "0.05,0.28")
+    code, _, err = run_cli(capsys, *base, "--stds", "0.05,0.28")
     assert code == 2
     assert len(err) == 1
     assert "--update-every" in err[0]
     assert "default is 100" in err[0]
-    code, _, err = _run(capsys, *base, "--stds", "0.05,0.28", "--update-every", "0")
+    code, _, err = run_cli(capsys, *base, "--stds", "0.05,0.28", "--update-every", "0")
     assert code == 2
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, *base, "--stds", "0.05,0.28", "--gammas", "1,2", "--update-every", "1"
     )
     assert code == 2
     assert "not both" in err[0]
-    code, _, err = _run(capsys, *base, "--stds", "0.05,0.28", "--update-every", "2")
+    code, _, err = run_cli(capsys, *base, "--stds", "0.05,0.28", "--update-every", "2")
     assert code == 1
     assert len(err) == 1
     assert "relative L2 error up to" in err[0]
     assert "--allow-inexact" in err[0]
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, *base, "--stds", "0.05,0.28", "--update-every", "2", "--allow-inexact"
     )
     assert code == 0
@@ -398,7 +391,7 @@ def test_cli_names_the_gammas_flag(tmp_path, capsys):
     for n in ("0.3.pt", "1.3.pt"):
         (tmp_path / "ckpt" / n).write_bytes(b"")
     base = ["convert", tmp_path / "ckpt", "--out", tmp_path / "out", "--update-every", "1"]
-    code, _, err = _run(capsys, *base, "--gammas", "5")
+    code, _, err = run_cli(capsys, *base, "--gammas", "5")
     assert code == 2
     assert "--gammas" in " ".join(err)
     assert "--stds" not in " ".join(err)
