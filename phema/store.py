@@ -45,6 +45,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -101,6 +102,8 @@ SUFFIX = ".safetensors"
 #: Bytes read first when listing: the header's length. The header itself is a second
 #: exact read, so that no tensor byte is read twice (once here, once by the pass).
 HEADER_PROBE = 8
+#: Official pickles indexed at once while listing (each index is sequential reads).
+INDEX_THREADS = 8
 
 
 def snapshot_metadata(
@@ -484,23 +487,27 @@ class SnapshotStore:
             entries[0].get("type") == "file"
         ):
             raise StorageError(f"{self.url} is a file, not a folder of snapshots")
+        files = []
         for entry in entries:
             path = str(entry["name"])
             name = os.path.basename(path.rstrip("/"))
             official = OFFICIAL_NAME.fullmatch(name) is not None
-            if entry.get("type") != "file" or name.startswith("."):
-                continue
-            if not (name.endswith(SUFFIX) or official):
-                continue
-            source = f"{self.url.rstrip('/')}/{name}"
-            try:
-                found = self._official(path, source) if official else self._listed(path, source)
-            except FileNotFoundError:
-                continue  # removed since the folder was listed
-            except (FormatError, _Unreadable) as exc:
-                problems.append(Problem(source, _problem(source, exc), "file"))
-                continue
-            yield found
+            wanted = name.endswith(SUFFIX) or official
+            if entry.get("type") == "file" and not name.startswith(".") and wanted:
+                files.append((path, f"{self.url.rstrip('/')}/{name}", official))
+        # an index takes one round trip per tensor: several pickles are indexed at once
+        pickles = [(p, src) for p, src, official in files if official]
+        with ThreadPoolExecutor(min(len(pickles), INDEX_THREADS) or 1) as pool:
+            indexed = {p: pool.submit(self._official, p, src) for p, src in pickles}
+            for path, source, official in files:
+                try:
+                    found = indexed[path].result() if official else self._listed(path, source)
+                except FileNotFoundError:
+                    continue  # removed since the folder was listed
+                except (FormatError, _Unreadable) as exc:
+                    problems.append(Problem(source, _problem(source, exc), "file"))
+                    continue
+                yield found
 
     def _listed(self, path: str, source: str) -> Listed:
         """``(path, url, size, header, identity)`` of one file; remote failures named."""

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ class Log:
 class _Handler(SimpleHTTPRequestHandler):
     log_record: Log
     ranges: bool
+    protocol_version = "HTTP/1.1"  # keep-alive: one connection serves many ranged reads
+
+    def setup(self) -> None:
+        super().setup()  # headers and body go out as separate writes: no Nagle delay
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
