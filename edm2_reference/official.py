@@ -132,7 +132,7 @@ def load_official_network(
     """
     folder, sep, name = source.rstrip("/").rpartition("/")
     store = SnapshotStore(folder if sep else ".")
-    path = store.path_of(name)
+    path = f"{store.backend.pin(store.root).rstrip('/')}/{name}"  # a Hub commit, pinned
     size, identity = store.backend.identity_of(path)
 
     def read_at(offset: int, n: int) -> bytes:  # from the version indexed, or ChangedError

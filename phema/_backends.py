@@ -61,6 +61,9 @@ class _Undo:
 class Backend:
     """Stage, publish and read files of one store; subclasses override the primitives."""
 
+    #: The listing is a page the server wrote (HTTP): links into other folders are skipped.
+    untrusted_listing = False
+
     def __init__(self, fs: Any, url: str) -> None:
         self.fs, self.url = fs, url.rstrip("/")
         self.root = ""  # the store's folder as the filesystem names it (set by the store)

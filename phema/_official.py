@@ -19,6 +19,7 @@ once, by exact ranged reads, and never the pickle structure again.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -132,12 +133,14 @@ def _info(
         if r.nbytes:
             segments.append(Segment(begin, begin + r.nbytes, 0, r.begin))
         begin += r.nbytes
+    _check_disjoint(index, source)
     specs = [(ti.name, ti.dtype, ti.shape) for ti in layout]
     meta = snapshot_metadata(
         specs, t=t, std=std, gamma=gamma, t_unit="images", step=None, copied=index.buffers
     )
     header = Header(tuple(layout), meta, 0)
-    shard = Shard(shard_name, index.size, 0, (), identity)  # identity set: nothing to verify
+    # identity set: nothing to verify; path: read the version listed (pinned on the Hub)
+    shard = Shard(shard_name, index.size, 0, (), identity, path)
     return SnapshotInfo(
         path=path,
         url=source,
@@ -149,3 +152,15 @@ def _info(
         segments=tuple(segments),
         index_bytes=index.bytes_read,
     )
+
+
+def _check_disjoint(index: PickleIndex, source: str) -> None:
+    """Refuse tensors whose bytes overlap: torch writes each storage's bytes once, and a
+    file whose tensors reuse bytes would claim far more data than it holds."""
+    ranges = sorted((r.begin, r.end, name) for name, r in index.tensors.items() if r.nbytes)
+    for (_, end, first), (begin, _, second) in itertools.pairwise(ranges):
+        if begin < end:
+            raise PickleError(
+                f"{source}: tensors {first} and {second} share bytes (from byte {begin}); "
+                "official snapshots never do"
+            )

@@ -72,6 +72,7 @@ class Shard:
     data_start: int
     pieces: tuple[ShardPiece, ...]
     identity: str = ""  # set by verify_shards: the version whose header was checked
+    path: str = ""  # the file's own path, where known (an official pickle: the one listed)
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,7 @@ def read_logical(
         shard = info.shards[seg.shard]
         start = shard.data_start + seg.at + (pos - seg.start)
         dst = out[pos - offset : pos - offset + n]
-        store.read_into(store.path_of(shard.name), start, dst, shard.identity or None)
+        path = shard.path or store.path_of(shard.name)
+        store.read_into(path, start, dst, shard.identity or None)
         pos += n
         i += 1

@@ -236,8 +236,18 @@ class SnapshotStore:
         own = "skip_instance_cache" not in storage_options
         options = dict(storage_options)
         options.setdefault("skip_instance_cache", True)
-        if url.split("://", 1)[0] in ("s3", "s3a") and "://" in url:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme in ("s3", "s3a"):
             options = s3_options(options, timeout)
+        if scheme in ("http", "https") and "client_kwargs" not in options:
+            try:
+                from phema._http import client_kwargs
+            except ImportError as exc:
+                raise StorageError(
+                    f"cannot open {url!r}: http(s) stores need aiohttp: pip install "
+                    "'torch-phema[http]'"
+                ) from exc
+            options["client_kwargs"] = client_kwargs(timeout)
         try:
             self.fs, self.root = fsspec.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
@@ -487,17 +497,21 @@ class SnapshotStore:
             entries[0].get("type") == "file"
         ):
             raise StorageError(f"{self.url} is a file, not a folder of snapshots")
+        base = root.rstrip("/")
         files = []
         for entry in entries:
             path = str(entry["name"])
             name = os.path.basename(path.rstrip("/"))
             official = OFFICIAL_NAME.fullmatch(name) is not None
             wanted = name.endswith(SUFFIX) or official
+            if self.backend.untrusted_listing and path.rstrip("/").rsplit("/", 1)[0] != base:
+                continue  # an index page's link into another folder
             if entry.get("type") == "file" and not name.startswith(".") and wanted:
                 files.append((path, f"{self.url.rstrip('/')}/{name}", official))
         # an index takes one round trip per tensor: several pickles are indexed at once
         pickles = [(p, src) for p, src, official in files if official]
-        with ThreadPoolExecutor(min(len(pickles), INDEX_THREADS) or 1) as pool:
+        pool = ThreadPoolExecutor(min(len(pickles), INDEX_THREADS) or 1)
+        try:
             indexed = {p: pool.submit(self._official, p, src) for p, src in pickles}
             for path, source, official in files:
                 try:
@@ -508,6 +522,8 @@ class SnapshotStore:
                     problems.append(Problem(source, _problem(source, exc), "file"))
                     continue
                 yield found
+        finally:  # an error or an early stop does not wait for the other indexes
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _listed(self, path: str, source: str) -> Listed:
         """``(path, url, size, header, identity)`` of one file; remote failures named."""

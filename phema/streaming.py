@@ -22,6 +22,7 @@ buffers, integer counters) are taken from the latest snapshot used.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ from numpy.typing import NDArray
 
 from phema._backends import Staged
 from phema._stream import Window, plan_windows, stream
-from phema.errors import ExistsError, OptionError, PhemaError, StorageError
+from phema.errors import ExistsError, FormatError, OptionError, PhemaError, StorageError
 from phema.format import FORMAT_VERSION, TensorInfo, check_storage_dtype, encode_header
 from phema.shards import read_logical, verify_shards
 from phema.solver import TIME_RTOL, Fit, fit_profiles
@@ -132,6 +133,12 @@ def plan(
     if not infos:
         raise StorageError(f"{store.url} holds no snapshots")
     check_layouts(infos)
+    for a, b in itertools.pairwise(infos):  # sorted by (t, std)
+        if (a.t, a.std) == (b.t, b.std):
+            raise FormatError(
+                f"{a.url} and {b.url} are snapshots of one profile (t={a.t:g}, std={a.std:g}); "
+                "move one out of the store"
+            )
     last = max(i.t for i in infos)
     t = last if at is None else float(at)
     if not after_last and t > last * (1 + TIME_RTOL):

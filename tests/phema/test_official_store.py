@@ -271,7 +271,7 @@ def test_cli_ls_plan_reconstruct_on_pickles(official_run, oracle, tmp_path, caps
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["s3", "hf"])
 def test_remote_folders_of_pickles(official_run, oracle, request, tmp_path, kind):
-    root, _ = official_run
+    root, nets = official_run
     if kind == "s3":
         url = request.getfixturevalue("s3_bucket") + "/run"
         fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
@@ -288,3 +288,99 @@ def test_remote_folders_of_pickles(official_run, oracle, request, tmp_path, kind
         phema.reconstruct(url, TARGETS, str(tmp_path / "out"))
     for std, tensors in _outputs(str(tmp_path / "out")).items():
         _same(tensors, oracle[std])
+    if kind == "hf":  # a listed pickle reads as listed after a commit replaces it
+        store = phema.SnapshotStore(url)
+        info = store.list()[-1]
+        name = os.path.basename(info.path)
+        store.write(
+            name, (root / "network-snapshot-0001024-0.050.pkl").read_bytes(), overwrite=True
+        )
+        store.flush()
+        _same(store.load(info), nets[name])
+
+
+# -- hostile or broken servers and files (each found in review) --------------------------------
+@pytest.mark.parametrize(
+    ("faults", "match"),
+    [
+        ({"shift": True}, "answered Content-Range 'bytes 0-"),
+        ({"gzip": True}, "gzip-encoded"),
+        ({"get_status": {"network-snapshot-0002048-0.050.pkl": 500}}, "HTTP 500"),
+    ],
+)
+def test_http_wrong_or_failed_reads_are_storage_errors(official_run, tmp_path, faults, match):
+    root, _ = official_run
+    live: dict[str, object] = {}
+    with serve(str(root), faults=live) as (url, _):
+        store = phema.SnapshotStore(url + "/")
+        the_plan = phema.plan(store, [0.07])
+        live.update(faults)  # after listing: the pass's reads go wrong
+        with pytest.raises(StorageError, match=match):
+            phema.write_plan(the_plan, store, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_http_file_the_server_fails_to_describe_is_not_left_out(official_run):
+    root, _ = official_run
+    faults = {"head_status": {"network-snapshot-0002048-0.050.pkl": 500}}
+    with (
+        serve(str(root), faults=faults) as (url, _),
+        pytest.raises(StorageError, match=r"0002048-0\.050\.pkl: HEAD answered HTTP 500"),
+    ):
+        phema.SnapshotStore(url + "/").list()
+
+
+def test_http_links_into_other_folders_are_not_listed(official_run, tmp_path):
+    root, _ = official_run
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    (run / "sub").mkdir()
+    name = "network-snapshot-0004096-0.050.pkl"
+    shutil.copy(run / name, run / "sub" / name)
+    page = f'<a href="sub/{name}">a</a> <a href="../x/{name}">b</a> <a href="{name}">c</a>'
+    with serve(str(run), faults={"listing": page}) as (url, _):
+        infos = phema.SnapshotStore(url + "/").list()
+    assert [i.url.rsplit("/", 2)[1:] for i in infos] == [[url.rsplit("/", 1)[1], name]]
+
+
+def test_tensors_sharing_bytes_are_refused(tmp_path):
+    """A tiny file whose tensor records all view one storage would claim far more data."""
+    import collections
+    import pickle
+
+    from official_pickles import Persistent, official_modules
+
+    with warnings.catch_warnings():  # a typed storage pickles as official files hold them
+        warnings.simplefilter("ignore", UserWarning)
+        storage = torch.zeros(1 << 16, dtype=torch.float16).storage()
+
+    class View:
+        def __reduce__(self):
+            args = (storage, 0, (1 << 16,), (1,), False, collections.OrderedDict())
+            return torch._utils._rebuild_tensor_v2, args
+
+    with official_modules():
+        state = {
+            "_parameters": collections.OrderedDict((f"w{i}", View()) for i in range(100)),
+            "_buffers": collections.OrderedDict(),
+            "_modules": collections.OrderedDict(),
+            "_init_args": (),
+            "_init_kwargs": {},
+        }
+        blob = pickle.dumps({"ema": Persistent("Precond", state)}, protocol=4)
+    path = tmp_path / "network-snapshot-0001024-0.100.pkl"
+    path.write_bytes(blob)
+    assert len(blob) < 200_000  # 100 x 128 KiB claimed
+    with pytest.raises(FormatError, match="tensors w0 and w1 share bytes"):
+        phema.SnapshotStore(str(tmp_path)).list()
+
+
+def test_two_files_of_one_profile_are_named(official_run, tmp_path):
+    root, _ = official_run
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    shutil.copy(
+        run / "network-snapshot-0004096-0.100.pkl", run / "network-snapshot-004096-0.100.pkl"
+    )
+    with pytest.raises(FormatError, match=r"network-snapshot-004096-0\.100\.pkl and .*one profile"):
+        phema.plan(phema.SnapshotStore(str(run)), [0.07])
