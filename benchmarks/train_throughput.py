@@ -52,6 +52,12 @@ What is measured per case (one JSON line per figure):
    standard errors from the target, ``null`` (not resolved) otherwise; and the
    worst case, one save every ``--save-every`` steps.
 
+6. ``demo`` (``--cases demo``, or the default list): ``bash scripts/edm2_demo.sh`` run
+   whole in a temporary folder (``--quick``: its ``--quick`` form), one line per phase
+   (train, reconstruct, sample, evaluate) with its wall time and share of the total, and
+   a ``demo_total`` line against the 10-minute budget. The phases' times are the ones the
+   script prints itself (whole seconds, by bash's ``SECONDS``).
+
 Run::
 
     python3 benchmarks/train_throughput.py            # a few minutes on 2 CPU cores
@@ -63,7 +69,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -420,8 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cases",
         nargs="+",
-        choices=("digits8", "mnist28", "img64-s"),
-        default=["digits8", "mnist28", "img64-s"],
+        choices=("digits8", "mnist28", "img64-s", "demo"),
+        default=["digits8", "mnist28", "img64-s", "demo"],
     )
     p.add_argument("--mnist-batch", type=int, help="mnist28 images per step (default 128)")
     p.add_argument("--gpu-batch", type=int, default=32, help="img64-s images per step")
@@ -451,6 +460,40 @@ def main(argv: list[str] | None = None) -> None:
             emit(BENCH, plan.preset, "cuda", skipped="no CUDA device")
             continue
         run_case(plan, args.quick)
+    if "demo" in args.cases and args.device != "cuda":
+        run_demo(args.quick)
+
+
+DEMO_BUDGET_S = 600  # the demo's budget on 2 CPU cores (README)
+
+
+def run_demo(quick: bool) -> None:
+    """``scripts/edm2_demo.sh`` end to end: wall time per phase, share, total vs the budget."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory(prefix="phema-demo-") as out:
+        cmd = ["bash", os.path.join(root, "scripts", "edm2_demo.sh"), "--no-install"]
+        cmd += ["--out", out, *(["--quick"] if quick else [])]
+        env = dict(os.environ, PYTHON=sys.executable)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        wall = time.perf_counter() - start
+    m = re.search(r"wall time: (.*); total (\d+) s", proc.stderr)
+    if proc.returncode or m is None:
+        raise RuntimeError(f"the demo failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    phases = [(name, int(sec)) for name, sec in re.findall(r"(\w+) (\d+) s", m[1])]
+    total = int(m[2])
+    for name, sec in phases:
+        emit(BENCH, "demo", "cpu", phase=name, seconds=sec, share=sig(sec / max(total, 1), 3))
+    emit(
+        BENCH,
+        "demo_total",
+        "cpu",
+        quick=quick,
+        seconds=total,
+        wall_s=sig(wall, 4),
+        budget_s=DEMO_BUDGET_S,
+        within_budget=total <= DEMO_BUDGET_S,
+    )
 
 
 if __name__ == "__main__":

@@ -65,12 +65,17 @@ from phema.errors import PhemaError
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "HELD_OUT_FRACTION",
+    "HELD_OUT_SEED",
     "DataError",
     "ImageDataset",
     "InfiniteIndexSampler",
     "epoch_permutation",
     "global_order",
+    "holdout_indices",
+    "holdout_split",
     "load_dataset",
+    "split_indices",
 ]
 
 BUILTIN_DATASETS = ("digits", "mnist")
@@ -162,12 +167,57 @@ class ImageDataset:
         return ImageDataset(self.pixels[idx], labels, self.num_classes, self.max_value, self.name)
 
     def split(self, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
-        """A seeded random split into ``round(fraction * N)`` images and the rest."""
-        if not 0.0 <= fraction <= 1.0:
-            raise DataError(f"split fraction must be in [0, 1], got {fraction}")
-        perm = np.random.default_rng([_check_seed(seed), len(self)]).permutation(len(self))
-        k = round(fraction * len(self))
-        return self.subset(np.sort(perm[:k])), self.subset(np.sort(perm[k:]))
+        """A seeded random split into ``round(fraction * N)`` images and the rest (:func:`split_indices`)."""
+        first, rest = split_indices(len(self), fraction, seed)
+        return self.subset(first), self.subset(rest)
+
+
+def split_indices(
+    size: int, fraction: float, seed: int = 0
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Sorted indices of a seeded random split of ``range(size)``: ``round(fraction * size)`` and the rest.
+
+    The permutation is ``numpy.random.default_rng([seed, size]).permutation(size)``; its
+    first ``k = round(fraction * size)`` entries (Python's round, half to even) are the
+    first part. Both parts are returned sorted, so they are disjoint and cover ``range(size)``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise DataError(f"split fraction must be in [0, 1], got {fraction}")
+    perm = np.random.default_rng([_check_seed(seed), size]).permutation(size).astype(np.int64)
+    k = round(fraction * size)
+    return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+HELD_OUT_FRACTION = 0.5
+"""Share of a dataset the EDM2 reference client holds out of diffusion training, for evaluation."""
+
+HELD_OUT_SEED = 0
+"""Seed of the training / held-out split (:func:`holdout_split`)."""
+
+
+def holdout_indices(
+    size: int, held_out: float = HELD_OUT_FRACTION, seed: int = HELD_OUT_SEED
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """``(training, held-out)`` indices of the reference client's split of ``range(size)``.
+
+    The training part is ``split_indices(size, 1 - held_out, seed)[0]`` (``round((1 -
+    held_out) * size)`` indices), the held-out part the rest: for the 1,797 digits at the
+    defaults, 898 training and 899 held-out images. Training (the diffusion model and the
+    metric's classifier) must see only the first part, and :mod:`edm2_reference.evaluate`
+    compares samples with the second only, so memorising the training images cannot pass
+    for quality.
+    """
+    if not 0.0 < held_out < 1.0:
+        raise DataError(f"held-out fraction must be in (0, 1), got {held_out}; pass e.g. 0.5")
+    return split_indices(size, 1.0 - held_out, seed)
+
+
+def holdout_split(
+    data: ImageDataset, held_out: float = HELD_OUT_FRACTION, seed: int = HELD_OUT_SEED
+) -> tuple[ImageDataset, ImageDataset]:
+    """``(training part, held-out part)`` of ``data`` by :func:`holdout_indices`."""
+    train, held = holdout_indices(len(data), held_out, seed)
+    return data.subset(train), data.subset(held)
 
 
 def load_dataset(spec: str | os.PathLike[str], *, use_labels: bool = True) -> ImageDataset:

@@ -1,8 +1,8 @@
 r"""An offline image-quality measure: a small classifier's feature space, FD and KID.
 
 No Inception or DINOv2 weights install offline, so the feature space is that of a
-small CNN classifier trained here on the same labelled data with a fixed seed
-(:func:`train_classifier`, seconds on a CPU). Its penultimate layer (pre-activation,
+small CNN classifier trained here on the labelled training part of the data with a fixed
+seed (:func:`train_classifier`, seconds on a CPU). Its penultimate layer (pre-activation,
 standardised by the training split's per-unit mean and std, which are stored with the
 weights) gives features :math:`f \in \mathbb{R}^d`, in which
 
@@ -29,7 +29,12 @@ weights) gives features :math:`f \in \mathbb{R}^d`, in which
 
 Both estimates are biased by the sample size (FD upward, KID only by its noise), so
 :func:`evaluate` always reports the same numbers for two disjoint real sets of the same
-size beside the generated set's: the real-vs-real baseline a model cannot beat.
+size beside the generated set's: the real-vs-real baseline a model cannot beat. The real
+sets should be held out of the diffusion model's training data and of the classifier's
+(:func:`edm2_reference.data.holdout_split`), so that memorising training images cannot
+pass for quality.
+
+Uncertainty: :mod:`edm2_reference.bootstrap`.
 """
 
 from __future__ import annotations

@@ -57,7 +57,13 @@ from edm2_reference.checkpoint import (
     restore_training_state,
     save_training_state,
 )
-from edm2_reference.data import ImageDataset, global_order, load_dataset
+from edm2_reference.data import (
+    HELD_OUT_FRACTION,
+    ImageDataset,
+    global_order,
+    holdout_split,
+    load_dataset,
+)
 from edm2_reference.distributed import World, init_world
 from edm2_reference.fsdp import average_grads, before_sharded_forward, local_part, shard_network
 from edm2_reference.loss import draw_noise, edm2_loss
@@ -94,6 +100,7 @@ class TrainSettings:
     precision: str = "auto"  # auto (preset's fp16 trunk on CUDA) | fp32 | bf16
     stop_at: int | None = None  # end this invocation at this image count (resumable)
     fsdp: bool = False  # shard the network with FSDP2 instead of DDP (several processes)
+    held_out: float = HELD_OUT_FRACTION  # share of the data kept out of training (0: none)
     network: dict[str, Any] = field(default_factory=dict)  # NetworkConfig overrides
 
     def training(self) -> TrainingConfig:
@@ -157,7 +164,9 @@ def train(
     console = console or cli.err_console
     cfg = settings.training()
     preset = get_preset(settings.preset)
-    dataset: ImageDataset = load_dataset(settings.data or preset.dataset or "digits")
+    full: ImageDataset = load_dataset(settings.data or preset.dataset or "digits")
+    # the held-out part is what edm2_reference.evaluate compares samples with
+    dataset = holdout_split(full, settings.held_out)[0] if settings.held_out else full
     label_dim = dataset.label_dim if settings.cond else 0
     if cfg.batch_size % world.size:
         raise ValueError(f"--batch {cfg.batch_size} is not divisible by {world.size} processes")
@@ -189,6 +198,7 @@ def train(
         "seed": settings.seed,
         "batch": cfg.batch_size,
         "network": json.dumps(overrides, sort_keys=True),
+        "held_out": settings.held_out,
     }
     nimg, step, elapsed = 0, 0, 0.0
     resume = latest_checkpoint(settings.outdir)
@@ -239,6 +249,7 @@ def train(
             console,
             f"training {settings.preset} ({num_params:,} parameters) on {dataset.name} "
             f"({len(dataset):,} images, {c}x{h}x{dataset.shape[2]}"
+            f"{f'; {len(full) - len(dataset):,} held out' if settings.held_out else ''}"
             f"{'' if label_dim else ', no labels'}), batch {cfg.batch_size} on {procs} "
             f"({world.device}), images {nimg:,} to {end:,}; EMA snapshots every "
             f"{cfg.snapshot_nimg:,} images to {store_url}; status lines every {cfg.status_nimg:,} images",

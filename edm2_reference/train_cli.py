@@ -19,6 +19,7 @@ import torch.distributed as dist
 import typer
 
 from edm2_reference import cli
+from edm2_reference.data import HELD_OUT_FRACTION
 from edm2_reference.train import TrainSettings, train
 from phema.errors import PhemaError
 from phema.profiles import sigma_rel_to_gamma
@@ -52,6 +53,17 @@ def _image_count(lo: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _held_out(text: str) -> float:
+    """``"0.5"`` -> 0.5: a fraction in [0, 1) of the data kept out of training."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise typer.BadParameter(f"{text!r} is not a fraction in [0, 1); pass e.g. 0.5 or 0")
+    return value
 
 
 def _stds(text: str) -> tuple[float, ...]:
@@ -169,6 +181,16 @@ def command(
             help="Shard the network with FSDP2 instead of DDP (torchrun, several processes).",
         ),
     ] = False,
+    held_out: Annotated[
+        float,
+        typer.Option(
+            "--held-out",
+            help="Share of the data kept out of training (a seeded split) for "
+            "edm2_reference.evaluate to compare samples with; 0 trains on everything.",
+            parser=lambda text: _held_out(text),
+            metavar="FRACTION",
+        ),
+    ] = HELD_OUT_FRACTION,
 ) -> None:
     """Train EDM2 Config G with phema streaming post-hoc EMA snapshots; resumable (rerun the
     same command), and runs under torchrun --nproc_per_node=N with the same maths for any
@@ -217,6 +239,7 @@ def _settings(params: dict[str, Any]) -> TrainSettings:
         precision=params["precision"],
         stop_at=params["stop_at"],
         fsdp=params["fsdp"],
+        held_out=params["held_out"],
     )
 
 

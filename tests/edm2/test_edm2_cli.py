@@ -164,16 +164,3 @@ def test_train_reports_progress_on_stderr_and_the_result_on_stdout(tmp_path):
     assert len(bars) == 1
     assert "256/256 images" in bars[0]
     assert len(lines) == 6
-
-
-def test_the_readme_lists_the_demo_script_commands():
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    with open(os.path.join(root, "README.md")) as f:
-        readme = f.read()
-    with open(os.path.join(root, "scripts", "edm2_demo.sh")) as f:
-        script = f.read().splitlines()
-    block = readme.split("bash scripts/edm2_demo.sh\n```\n\nwhich runs\n\n```bash\n", 1)[1]
-    listed = block.split("```", 1)[0].splitlines()
-    start = script.index(listed[0])
-    assert script[start - 1].startswith("python() {")  # python: the interpreter installed into
-    assert script[start:] == listed
