@@ -100,7 +100,8 @@ def load_checkpoint(path: str, expect: dict[str, Any]) -> dict[str, Any]:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as a training state ({exc})") from exc
-    saved = state.get("settings", {})
+    # runs from before the held-out split trained on all the data (--held-out 0 resumes them)
+    saved = {"held_out": 0.0, **state.get("settings", {})}
     diff = {k: (saved.get(k), v) for k, v in expect.items() if saved.get(k) != v}
     if diff:
         pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())

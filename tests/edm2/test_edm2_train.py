@@ -95,6 +95,18 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         train(_settings(tmp_path, duration=1024, seed=1))
 
 
+def test_runs_from_before_the_held_out_split_resume_with_held_out_zero(tmp_path):
+    """Checkpoints without the held_out setting trained on all the data: --held-out 0."""
+    train(_settings(tmp_path, duration=512, held_out=0.0))
+    path = latest_checkpoint(str(tmp_path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["settings"].pop("held_out") == 0.0
+    torch.save(state, path)  # as written before the setting existed
+    with pytest.raises(CheckpointError, match=r"held_out: checkpoint 0.0 vs now 0.5"):
+        train(_settings(tmp_path, duration=1024, held_out=0.5))
+    assert train(_settings(tmp_path, duration=1024, held_out=0.0)).nimg == 1024
+
+
 def test_gradient_accumulation_does_not_change_the_maths(tmp_path):
     train(_settings(tmp_path / "a", duration=512))
     train(_settings(tmp_path / "b", duration=512, batch_gpu=16))
