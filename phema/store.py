@@ -191,6 +191,23 @@ class _Unreadable(Exception):
         super().__init__(cause.strerror or str(cause))
 
 
+@contextmanager
+def _read_failures(source: str) -> Iterator[None]:
+    """Failures reading one listed file, as a listing reports them.
+
+    A missing file and phema's own errors pass; an unreadable one becomes
+    :class:`_Unreadable`, any other (remote) failure a StorageError naming the file.
+    """
+    try:
+        yield
+    except (FileNotFoundError, PhemaError):
+        raise
+    except PermissionError as exc:
+        raise _Unreadable(exc) from exc
+    except Exception as exc:
+        raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
+
+
 def _problem(source: str, exc: Exception) -> FormatError | StorageError:
     """The error a listing reports for one bad file."""
     if isinstance(exc, _Unreadable):
@@ -527,19 +544,13 @@ class SnapshotStore:
 
     def _listed(self, path: str, source: str) -> Listed:
         """``(path, url, size, header, identity)`` of one file; remote failures named."""
-        try:
+        with _read_failures(source):
             return (path, source, *self._read_header(path, source))
-        except (FileNotFoundError, PhemaError):
-            raise
-        except PermissionError as exc:
-            raise _Unreadable(exc) from exc
-        except Exception as exc:
-            raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
 
     def _official(self, path: str, source: str) -> SnapshotInfo:
         """The entry of an official pickle (indexed once per version); failures named."""
         backend = self.backend
-        try:
+        with _read_failures(source):
             version = backend.identity_of(path)
             if (found := self._pickles.get((path, version[1]))) is not None:
                 return found
@@ -551,12 +562,6 @@ class SnapshotStore:
                 lambda offset, n: self.read_range(path, offset, offset + n),
                 lambda: backend.identity_of(path)[1],
             )
-        except (FileNotFoundError, PhemaError):
-            raise
-        except PermissionError as exc:
-            raise _Unreadable(exc) from exc
-        except Exception as exc:
-            raise StorageError(f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
         self._pickles[(path, version[1])] = info
         return info
 

@@ -20,6 +20,19 @@ from torch import nn
 
 SRC = "# a dummy module source standing in for networks_edm2.py\nclass Precond: pass\n"
 
+#: digits8 as the official training script would record its constructor arguments (lists).
+DIGITS8_KWARGS: dict[str, Any] = {
+    "img_resolution": 8,
+    "img_channels": 1,
+    "label_dim": 10,
+    "model_channels": 32,
+    "channel_mult": [1, 2],
+    "num_blocks": 1,
+    "attn_resolutions": [4],
+    "dropout": 0.0,
+    "use_fp16": False,
+}
+
 
 class EasyDict(dict):  # type: ignore[type-arg]
     pass

@@ -17,21 +17,10 @@ from edm2_reference.sample import load_network, main
 from edm2_reference.sampler import generate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from official_pickles import official_snapshot
+from official_pickles import DIGITS8_KWARGS, official_snapshot
 from rangeserver import serve
 
-# digits8 as the official training script would record it (lists, as its kwargs are)
-KWARGS = {
-    "img_resolution": 8,
-    "img_channels": 1,
-    "label_dim": 10,
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_blocks": 1,
-    "attn_resolutions": [4],
-    "dropout": 0.0,
-    "use_fp16": False,
-}
+KWARGS = DIGITS8_KWARGS
 
 
 def _main(argv: list[str]) -> int:

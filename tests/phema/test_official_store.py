@@ -28,20 +28,10 @@ from phema.errors import ChangedError, FormatError, StorageError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from clirun import run_cli
-from official_pickles import official_snapshot
+from official_pickles import DIGITS8_KWARGS, official_snapshot
 from rangeserver import serve
 
-KWARGS = {  # digits8 as the official training script records constructor arguments
-    "img_resolution": 8,
-    "img_channels": 1,
-    "label_dim": 10,
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_blocks": 1,
-    "attn_resolutions": [4],
-    "dropout": 0.0,
-    "use_fp16": False,
-}
+KWARGS = DIGITS8_KWARGS
 KIMGS = (0, 1024, 2048, 3072, 4096)
 STDS = ("0.050", "0.100")
 TARGETS = [0.04, 0.07, 0.12]
