@@ -56,14 +56,12 @@ from phema.errors import (
     FormatError,
     OptionError,
     PhemaError,
-    PickleError,
     ProfileError,
     StorageError,
 )
 from phema.format import file_view
-from phema.pickles import index_snapshot, read_tensor
 from phema.profiles import gamma_to_sigma_rel, sigma_rel_to_gamma
-from phema.store import SnapshotStore, snapshot_metadata, snapshot_name
+from phema.store import SnapshotInfo, SnapshotStore, snapshot_metadata, snapshot_name
 
 __all__ = [
     "Source",
@@ -255,27 +253,15 @@ Read = tuple[dict[str, torch.Tensor], tuple[str, ...]]  # tensors, and the copie
 def _read_official(src: Source, *, check_only: bool = False) -> Read:
     """The tensors of an official snapshot and its buffers' names; ``check_only``: index only.
 
-    Buffers are copied by the official EMA, not averaged.
+    The file is read as a store reads it in place (:mod:`phema._official`: indexed, each
+    tensor's range checked against the file, then each tensor's bytes read once). Buffers
+    are copied by the official EMA, not averaged.
     """
-    fd = os.open(src.path, os.O_RDONLY)
-    try:
-
-        def read_at(offset: int, n: int) -> bytes:
-            return os.pread(fd, n, offset)
-
-        size = os.fstat(fd).st_size
-        index = index_snapshot(read_at, size, src.path)
-        for name, r in index.tensors.items():
-            if not 0 <= r.begin <= r.end <= size:
-                raise PickleError(
-                    f"{src.path}: tensor {name} lies at bytes [{r.begin}, {r.end}), past the "
-                    f"file's {size} bytes (a truncated file?)"
-                )
-        if check_only:
-            return {}, index.buffers
-        return {name: read_tensor(read_at, r) for name, r in index.tensors.items()}, index.buffers
-    finally:
-        os.close(fd)
+    folder, name = os.path.split(src.path)
+    store = SnapshotStore(folder or ".")
+    info = store.info(name)
+    assert isinstance(info, SnapshotInfo)  # an official pickle reads as a snapshot
+    return ({} if check_only else store.load(info)), info.copied
 
 
 def _read_ema_pytorch(src: Source, *, check_only: bool = False) -> Read:
