@@ -42,6 +42,7 @@ from edm2_reference.metrics import (
     _cubic,
     extract_features,
     frechet_distance_from_features,
+    real_features,
 )
 
 __all__ = [
@@ -349,8 +350,6 @@ def evaluate_sweep(
             f"n={n} needs {sets} x n generated images per row and 2n real images (have "
             f"{fewest} and {len(real_images)}); pass a smaller n or more images"
         )
-    perm = np.random.default_rng(seed).permutation(len(real_images))
-    fa = extract_features(net, real_images[torch.from_numpy(perm[:n])])
-    fb = extract_features(net, real_images[torch.from_numpy(perm[n : 2 * n])])
+    fa, fb = real_features(net, real_images, n, seed)
     fgs = [extract_features(net, g[: sets * n]) for g in generated]
     return compare_rows(fgs, fa, fb, resamples=resamples, level=level, seed=seed, sets=sets)

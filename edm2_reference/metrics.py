@@ -67,6 +67,7 @@ __all__ = [
     "frechet_distance_from_features",
     "kernel_distance",
     "load_classifier",
+    "real_features",
     "save_classifier",
     "train_classifier",
 ]
@@ -343,6 +344,17 @@ class QualityReport:
 
 
 @torch.no_grad()
+def real_features(
+    net: FeatureClassifier, real_images: Tensor, n: int, seed: int
+) -> tuple[Array, Array]:
+    """Features of the reference set A and the baseline set B: the real images shuffled with
+    ``seed``, the first ``n`` (A) and the next ``n`` (B)."""
+    perm = np.random.default_rng(seed).permutation(len(real_images))
+    fa = extract_features(net, real_images[torch.from_numpy(perm[:n])])
+    fb = extract_features(net, real_images[torch.from_numpy(perm[n : 2 * n])])
+    return fa, fb
+
+
 def evaluate(
     net: FeatureClassifier,
     generated: Tensor,
@@ -367,9 +379,7 @@ def evaluate(
             f"{len(real_images)}); pass a smaller n or more images"
         )
     generated = generated[:n]
-    perm = np.random.default_rng(seed).permutation(len(real_images))
-    fa = extract_features(net, real_images[torch.from_numpy(perm[:n])])
-    fb = extract_features(net, real_images[torch.from_numpy(perm[n : 2 * n])])
+    fa, fb = real_features(net, real_images, n, seed)
     fg = extract_features(net, generated)
     kid = {"num_subsets": kid_subsets, "subset_size": kid_subset_size, "seed": seed}
     probs = torch.cat([net(generated[k : k + 1024].float()).softmax(1) for k in range(0, n, 1024)])
