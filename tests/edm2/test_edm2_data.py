@@ -58,6 +58,26 @@ def test_mnist():
     assert abs(float(ds.images().std()) - 0.617) < 0.005
 
 
+@pytest.mark.slow
+def test_mnist8_is_the_cropped_3x3_mean_of_mnist():
+    full, small = load_dataset("mnist"), load_dataset("mnist8")
+    assert (len(small), small.shape, small.name) == (5000, (1, 8, 8), "mnist8")
+    assert small.max_value == 255
+    assert torch.equal(small.labels, full.labels)
+    # Oracle: each output pixel from its own 3x3 block of the 28x28 image, in plain Python.
+    # A mean k/9 is never within 1/18 of a rounding tie, so float rounding cannot differ.
+    rng = np.random.default_rng(0)
+    for i in rng.choice(5000, 20, replace=False):
+        img = full.pixels[i, 0].tolist()
+        for r in range(8):
+            for c in range(8):
+                block = [img[2 + 3 * r + a][2 + 3 * c + b] for a in range(3) for b in range(3)]
+                assert small.pixels[i, 0, r, c] == round(sum(block) / 9), (i, r, c)
+    # The crop loses almost no ink: MNIST centres each digit in the inner 20x20.
+    ink = full.pixels.double()
+    assert float(ink[:, :, 2:26, 2:26].sum() / ink.sum()) > 0.99
+
+
 def test_unlabeled_view():
     ds = load_dataset("digits", use_labels=False)
     assert ds.labels is None

@@ -25,7 +25,7 @@ OFFICIAL = {
 }
 
 # Our own small presets at their default label_dim (10).
-SMALL = {"cifar32": 37_874_205, "mnist28": 1_201_776, "digits8": 722_539}
+SMALL = {"cifar32": 37_874_205, "mnist28": 1_201_776, "digits8": 722_539, "mnist8": 722_539}
 
 
 def count(net: torch.nn.Module) -> int:
@@ -70,6 +70,13 @@ def test_digits8_is_well_under_a_million_parameters_and_fits_its_data():
     assert SMALL["digits8"] < 750_000
     assert (p.network.img_resolution, p.network.img_channels, p.dataset) == (8, 1, "digits")
     assert (p.training.p_mean, p.training.p_std) == (-1.2, 1.2)
+
+
+def test_mnist8_is_digits8_on_downsampled_mnist_with_a_shorter_schedule():
+    digits8, mnist8 = get_preset("digits8"), get_preset("mnist8")
+    assert mnist8.network == digits8.network
+    assert mnist8.training == dataclasses.replace(digits8.training, duration_nimg=64 * 1024)
+    assert (mnist8.dataset, mnist8.label_dim) == ("mnist8", 10)
 
 
 def test_small_preset_cadences_are_whole_batches_and_kimg():
